@@ -1,0 +1,200 @@
+//! Queue polling shared by every driver: priority first, reads and writes
+//! taking turns, and a per-round budget. Drivers receive the chosen events
+//! through `SlotCollection::push`, where they fill their own slot (AIO
+//! writes the `iocb`, io_uring prepares the SQE) with no intermediate copy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crossbeam::queue::SegQueue;
+
+use crate::context::IoSharedContext;
+use crate::tasks::{IOCallbackCustom, IOEvent};
+
+/// Receives the events chosen by [`poll_request_from_queues`].
+pub trait SlotCollection<C: IOCallbackCustom> {
+    /// Puts `event` into a free slot and prepares the backend request for it
+    /// right away. Called at most `quota` times per poll.
+    fn push(&mut self, event: Box<IOEvent<C>>);
+}
+
+impl<C: IOCallbackCustom> SlotCollection<C> for Vec<Box<IOEvent<C>>> {
+    fn push(&mut self, event: Box<IOEvent<C>>) {
+        Vec::push(self, event);
+    }
+}
+
+/// Moves up to `limit` events from one queue into `slots`; returns how many.
+fn take_from<C, I>(
+    ctx: &IoSharedContext<C>,
+    queue: &SegQueue<Box<IOEvent<C>>>,
+    count: &AtomicUsize,
+    limit: usize,
+    slots: &mut I,
+) -> usize
+where
+    C: IOCallbackCustom,
+    I: SlotCollection<C>,
+{
+    let mut taken = 0;
+    while taken < limit {
+        let Some(event) = queue.pop() else { break };
+        count.fetch_sub(1, Ordering::SeqCst);
+        ctx.total_count.fetch_sub(1, Ordering::SeqCst);
+        slots.push(event);
+        taken += 1;
+    }
+    taken
+}
+
+/// Takes up to `quota` events from the context's queues into `slots` and
+/// returns how many it took.
+///
+/// - The priority queue is served first and in full (strict priority).
+/// - The rest is shared by reads and writes. When both have work, the one
+///   whose turn it is may take at most half of what is left (rounded up)
+///   before the other is served; then it may top up with whatever the other
+///   left unused. The turn alternates every round, so a flood on one queue
+///   delays the other by at most one round.
+pub fn poll_request_from_queues<C, I>(ctx: &IoSharedContext<C>, quota: usize, slots: &mut I) -> usize
+where
+    C: IOCallbackCustom,
+    I: SlotCollection<C>,
+{
+    if quota == 0 || ctx.total_count.load(Ordering::SeqCst) == 0 {
+        return 0;
+    }
+    let mut taken = 0;
+    if ctx.prio_count.load(Ordering::SeqCst) > 0 {
+        taken += take_from(ctx, &ctx.prio_queue, &ctx.prio_count, quota, slots);
+    }
+    let left = quota - taken;
+    if left == 0 {
+        return taken;
+    }
+
+    let reads_first = ctx.reads_first.fetch_xor(true, Ordering::Relaxed);
+    let (first_q, first_c, second_q, second_c) = if reads_first {
+        (&ctx.read_queue, &ctx.read_count, &ctx.write_queue, &ctx.write_count)
+    } else {
+        (&ctx.write_queue, &ctx.write_count, &ctx.read_queue, &ctx.read_count)
+    };
+    let first_waiting = first_c.load(Ordering::SeqCst) > 0;
+    let second_waiting = second_c.load(Ordering::SeqCst) > 0;
+    let first_budget = if second_waiting { left.div_ceil(2) } else { left };
+
+    let mut got_first = 0;
+    if first_waiting {
+        got_first = take_from(ctx, first_q, first_c, first_budget, slots);
+    }
+    let got_second = take_from(ctx, second_q, second_c, left - got_first, slots);
+    let top_up = left - got_first - got_second;
+    if top_up > 0 && got_first == first_budget {
+        got_first += take_from(ctx, first_q, first_c, top_up, slots);
+    }
+    taken + got_first + got_second
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::callback_worker::IOWorkers;
+    use crate::context::IoSharedContext;
+    use crate::tasks::{Buffer, ClosureCb, IOAction, IOChannel, IOEvent};
+    use std::sync::Arc;
+
+    fn shared() -> Arc<IoSharedContext<ClosureCb>> {
+        IoSharedContext::new_for_tests(64, IOWorkers::new(0).unwrap())
+    }
+
+    fn queue(ctx: &IoSharedContext<ClosureCb>, channel: IOChannel, n: usize, tag_base: u64) {
+        for i in 0..n {
+            let action = if channel == IOChannel::Write { IOAction::Write } else { IOAction::Read };
+            let mut ev = IOEvent::new(0, Buffer::aligned(512).unwrap(), action, 0);
+            ev.user_tag = tag_base + i as u64;
+            ctx.enqueue(ev, channel);
+        }
+    }
+
+    fn poll(ctx: &IoSharedContext<ClosureCb>, quota: usize) -> Vec<(IOAction, u64)> {
+        let mut got: Vec<Box<IOEvent<ClosureCb>>> = Vec::new();
+        let n = poll_request_from_queues(ctx, quota, &mut got);
+        assert_eq!(n, got.len());
+        assert!(n <= quota);
+        got.iter().map(|e| (e.action(), e.user_tag)).collect()
+    }
+
+    #[test]
+    fn priority_is_served_first_and_in_order() {
+        let ctx = shared();
+        queue(&ctx, IOChannel::Read, 4, 100);
+        queue(&ctx, IOChannel::Prio, 3, 0);
+        let got = poll(&ctx, 3);
+        assert_eq!(got.iter().map(|g| g.1).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(ctx.total_count.load(Ordering::SeqCst), 4);
+        assert_eq!(ctx.prio_count.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn quota_is_never_exceeded_and_zero_quota_takes_nothing() {
+        let ctx = shared();
+        queue(&ctx, IOChannel::Read, 10, 0);
+        assert!(poll(&ctx, 0).is_empty());
+        assert_eq!(poll(&ctx, 7).len(), 7);
+        assert_eq!(poll(&ctx, 7).len(), 3);
+        assert!(poll(&ctx, 7).is_empty());
+        assert_eq!(ctx.total_count.load(Ordering::SeqCst), 0);
+        assert_eq!(ctx.read_count.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn flooded_reads_leave_half_the_round_to_writes() {
+        let ctx = shared();
+        queue(&ctx, IOChannel::Read, 1000, 0);
+        queue(&ctx, IOChannel::Write, 3, 5000);
+        // Reads' turn: at most 4 of 8, writes get their 3, reads top up by 1.
+        let got = poll(&ctx, 8);
+        let writes = got.iter().filter(|g| g.0 == IOAction::Write).count();
+        assert_eq!(writes, 3);
+        assert_eq!(got.len(), 8);
+    }
+
+    #[test]
+    fn turns_alternate_between_reads_and_writes() {
+        let ctx = shared();
+        queue(&ctx, IOChannel::Read, 100, 0);
+        queue(&ctx, IOChannel::Write, 100, 1000);
+        let first = poll(&ctx, 4);
+        let second = poll(&ctx, 4);
+        // Each round splits evenly and the side that goes first alternates.
+        for round in [&first, &second] {
+            assert_eq!(round.iter().filter(|g| g.0 == IOAction::Read).count(), 2);
+            assert_eq!(round.iter().filter(|g| g.0 == IOAction::Write).count(), 2);
+        }
+        assert_ne!(first[0].0, second[0].0);
+        // An odd quota gives the extra slot to whoever goes first, alternately.
+        let third = poll(&ctx, 1);
+        let fourth = poll(&ctx, 1);
+        assert_ne!(third[0].0, fourth[0].0);
+    }
+
+    #[test]
+    fn a_flood_never_holds_the_other_queue_back_more_than_one_round() {
+        let ctx = shared();
+        queue(&ctx, IOChannel::Write, 10_000, 0);
+        for round in 0..50 {
+            queue(&ctx, IOChannel::Read, 1, 100_000 + round);
+            let got = poll(&ctx, 2);
+            assert!(
+                got.iter().any(|g| g.0 == IOAction::Read),
+                "round {round}: the read waited behind the write flood"
+            );
+        }
+    }
+
+    #[test]
+    fn single_queue_gets_the_whole_quota() {
+        let ctx = shared();
+        queue(&ctx, IOChannel::Write, 10, 0);
+        assert_eq!(poll(&ctx, 10).len(), 10);
+    }
+}

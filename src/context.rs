@@ -1,0 +1,309 @@
+//! `IOContext`, the user-facing handle, and `IoSharedContext`, the
+//! backend-free state it shares with the driver threads: queues, counters,
+//! callback workers and the submitter's wake-up channel.
+
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{self, Receiver, Sender};
+use crossbeam::queue::SegQueue;
+use parking_lot::Mutex;
+
+use crate::callback_worker::{in_callback, CompletionTracker, IOWorkers};
+use crate::driver::{self, Backend};
+use crate::tasks::{IOCallbackCustom, IOChannel, IOEvent};
+
+/// Largest queue depth a context accepts. io_uring rings hold at most 32768
+/// entries and one is kept for the shutdown sentinel.
+pub const MAX_DEPTH: usize = 32767;
+
+/// How a context is set up. `Default` gives depth 128 and automatic backend
+/// choice with no special io_uring flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContextOptions {
+    /// Most I/Os in flight in the kernel at once (1..=MAX_DEPTH).
+    pub depth: usize,
+    /// Which driver to run; `IOENGINE_BACKEND` in the environment overrides it.
+    pub backend: Backend,
+    /// io_uring only: start a kernel submission-polling thread that sleeps
+    /// after this many idle milliseconds (IORING_SETUP_SQPOLL).
+    pub sqpoll_idle_ms: Option<u32>,
+    /// io_uring only: busy-poll completions (IORING_SETUP_IOPOLL). Needs
+    /// O_DIRECT files on a device with polling queues; fsync is not allowed.
+    pub iopoll: bool,
+    /// io_uring only: completion-queue entries (IORING_SETUP_CQSIZE); must
+    /// be larger than `depth`.
+    pub cq_size: Option<u32>,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        ContextOptions { depth: 128, backend: Backend::Auto, sqpoll_idle_ms: None, iopoll: false, cq_size: None }
+    }
+}
+
+impl ContextOptions {
+    pub fn with_depth(depth: usize) -> Self {
+        ContextOptions { depth, ..Default::default() }
+    }
+
+    pub(crate) fn validate(&self) -> io::Result<()> {
+        if self.depth == 0 || self.depth > MAX_DEPTH {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if let Some(cq) = self.cq_size {
+            if (cq as usize) <= self.depth {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counter totals since the context started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoStats {
+    /// User events accepted by `submit` (each event of a merge counts).
+    pub submitted: u64,
+    /// User events whose result is known (callback run or about to run).
+    pub completed: u64,
+    /// Completed events whose result was an error.
+    pub failed: u64,
+    /// User events that travelled inside a merged I/O.
+    pub merged: u64,
+    /// I/Os in the kernel right now (a merged I/O counts once).
+    pub in_flight: u64,
+    /// Events waiting in the queues.
+    pub pending: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) submitted: AtomicU64,
+    pub(crate) completed: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) merged: AtomicU64,
+}
+
+/// The state shared by the user side and the driver threads. It holds no
+/// backend data (no ring, no AIO context, no slots).
+pub struct IoSharedContext<C: IOCallbackCustom> {
+    pub depth: usize,
+
+    /// False once the last `IOContext` handle is gone: the submitter drains
+    /// the queues and shuts the driver down.
+    pub running: AtomicBool,
+    /// Events waiting in the three queues.
+    pub total_count: AtomicUsize,
+    /// Driver slots not carrying an I/O; `depth - free` are in flight.
+    pub free_slots_count: AtomicUsize,
+
+    pub prio_queue: SegQueue<Box<IOEvent<C>>>,
+    pub read_queue: SegQueue<Box<IOEvent<C>>>,
+    pub write_queue: SegQueue<Box<IOEvent<C>>>,
+    pub prio_count: AtomicUsize,
+    pub read_count: AtomicUsize,
+    pub write_count: AtomicUsize,
+
+    pub cb_workers: IOWorkers<C>,
+    /// Wakes the submitter; capacity one, so a pending wake-up costs the
+    /// next submitter nothing.
+    pub noti_sender: Sender<()>,
+
+    /// Which of read/write goes first in the next scheduling round.
+    pub(crate) reads_first: AtomicBool,
+    pub(crate) counters: Counters,
+    pub(crate) tracker: Arc<CompletionTracker>,
+}
+
+impl<C: IOCallbackCustom> IoSharedContext<C> {
+    fn new(depth: usize, cb_workers: IOWorkers<C>) -> (Arc<Self>, Receiver<()>) {
+        let (noti_sender, noti_receiver) = channel::bounded(1);
+        let shared = Arc::new(IoSharedContext {
+            depth,
+            running: AtomicBool::new(true),
+            total_count: AtomicUsize::new(0),
+            free_slots_count: AtomicUsize::new(depth),
+            prio_queue: SegQueue::new(),
+            read_queue: SegQueue::new(),
+            write_queue: SegQueue::new(),
+            prio_count: AtomicUsize::new(0),
+            read_count: AtomicUsize::new(0),
+            write_count: AtomicUsize::new(0),
+            cb_workers,
+            noti_sender,
+            reads_first: AtomicBool::new(true),
+            counters: Counters::default(),
+            tracker: Arc::new(CompletionTracker::new()),
+        });
+        (shared, noti_receiver)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn new_for_tests(depth: usize, cb_workers: IOWorkers<C>) -> Arc<Self> {
+        Self::new(depth, cb_workers).0
+    }
+
+    /// Puts an accepted event on its queue and wakes the submitter.
+    pub(crate) fn enqueue(&self, event: Box<IOEvent<C>>, channel: IOChannel) {
+        let callbacks = event.callback_count();
+        self.tracker.add(callbacks);
+        self.counters.submitted.fetch_add(callbacks as u64, Ordering::Relaxed);
+        let (queue, count) = match channel {
+            IOChannel::Prio => (&self.prio_queue, &self.prio_count),
+            IOChannel::Read => (&self.read_queue, &self.read_count),
+            IOChannel::Write => (&self.write_queue, &self.write_count),
+        };
+        // Push before counting: a non-zero count always has an event behind it.
+        queue.push(event);
+        count.fetch_add(1, Ordering::SeqCst);
+        self.total_count.fetch_add(1, Ordering::SeqCst);
+        // Full means a wake-up is already pending; nothing else to do.
+        let _ = self.noti_sender.try_send(());
+    }
+
+    /// Hands a completed event (or each event of a completed merge) to its
+    /// callback. Called by the driver threads only.
+    pub(crate) fn complete(&self, mut event: Box<IOEvent<C>>) {
+        if event.sub_tasks.is_empty() {
+            self.finish_one(event);
+            return;
+        }
+        let mut subs = event.split_merged();
+        drop(event);
+        while let Some(sub) = subs.pop_front() {
+            self.finish_one(sub);
+        }
+    }
+
+    fn finish_one(&self, event: Box<IOEvent<C>>) {
+        self.counters.completed.fetch_add(1, Ordering::Relaxed);
+        if event.result().is_some_and(|r| r < 0) {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.cb_workers.dispatch(event, &self.tracker);
+    }
+
+    /// Whether the submitter may stop: no handle left and nothing queued.
+    pub(crate) fn drained(&self) -> bool {
+        !self.running.load(Ordering::SeqCst) && self.total_count.load(Ordering::SeqCst) == 0
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.depth.saturating_sub(self.free_slots_count.load(Ordering::SeqCst))
+    }
+}
+
+/// An event `submit` refused, handed back with the reason.
+pub struct SubmitError<C: IOCallbackCustom> {
+    pub error: io::Error,
+    pub event: Box<IOEvent<C>>,
+}
+
+impl<C: IOCallbackCustom> fmt::Debug for SubmitError<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubmitError").field("error", &self.error).field("event", &self.event).finish()
+    }
+}
+
+/// The user-facing I/O context. Share it as `Arc<IOContext<C>>`; dropping
+/// the last handle drains it (see [`Drop`](#impl-Drop-for-IOContext<C>)).
+pub struct IOContext<C: IOCallbackCustom> {
+    pub(crate) inner: Arc<IoSharedContext<C>>,
+    pub(crate) noti_sender: Sender<()>,
+    backend: Backend,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<C: IOCallbackCustom> IOContext<C> {
+    /// A context with `depth` I/Os in flight at most and the backend chosen
+    /// automatically (or by `IOENGINE_BACKEND`).
+    pub fn new(depth: usize, cbs: &IOWorkers<C>) -> io::Result<Arc<Self>> {
+        Self::with_options(&ContextOptions::with_depth(depth), cbs)
+    }
+
+    pub fn with_options(opts: &ContextOptions, cbs: &IOWorkers<C>) -> io::Result<Arc<Self>> {
+        opts.validate()?;
+        let backend = driver::resolve_backend(opts.backend)?;
+        let (shared, noti_receiver) = IoSharedContext::new(opts.depth, cbs.clone());
+        let (backend, threads) = driver::start(&shared, opts, backend, noti_receiver)?;
+        Ok(Arc::new(IOContext {
+            noti_sender: shared.noti_sender.clone(),
+            inner: shared,
+            backend,
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    /// Queues an event. Never blocks and never fails for a valid event; its
+    /// callback runs exactly once with the result. An invalid event (zero
+    /// length read/write, a range past `i64::MAX`, an event that already
+    /// completed, a fallocate with a buffer) is handed back with `EINVAL`
+    /// and no callback will run for it.
+    pub fn submit(&self, event: Box<IOEvent<C>>, channel: IOChannel) -> Result<(), SubmitError<C>> {
+        if let Err(errno) = event.validate() {
+            return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
+        }
+        self.inner.enqueue(event, channel);
+        Ok(())
+    }
+
+    /// Events waiting in the queues.
+    pub fn pending_count(&self) -> usize {
+        self.inner.total_count.load(Ordering::SeqCst)
+    }
+
+    /// I/Os in the kernel right now.
+    pub fn running_count(&self) -> usize {
+        self.inner.in_flight()
+    }
+
+    pub fn depth(&self) -> usize {
+        self.inner.depth
+    }
+
+    /// The driver that runs this context (never `Auto`).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn stats(&self) -> IoStats {
+        let c = &self.inner.counters;
+        IoStats {
+            submitted: c.submitted.load(Ordering::Relaxed),
+            completed: c.completed.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            merged: c.merged.load(Ordering::Relaxed),
+            in_flight: self.inner.in_flight() as u64,
+            pending: self.pending_count() as u64,
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &IoSharedContext<C> {
+        &self.inner
+    }
+}
+
+impl<C: IOCallbackCustom> Drop for IOContext<C> {
+    /// Drains: every queued and in-flight event completes and its callback
+    /// returns, the driver threads are joined and the ring / AIO context is
+    /// closed before this returns.
+    ///
+    /// From inside a completion callback it cannot wait (the drain may need
+    /// the calling thread); there it only starts the same drain, which then
+    /// finishes in the background.
+    fn drop(&mut self) {
+        self.inner.running.store(false, Ordering::SeqCst);
+        let _ = self.noti_sender.try_send(());
+        if in_callback() {
+            return;
+        }
+        for handle in self.threads.get_mut().drain(..) {
+            let _ = handle.join();
+        }
+        self.inner.tracker.wait_idle();
+    }
+}

@@ -1,0 +1,538 @@
+//! The Linux native AIO driver: one kernel AIO context, a submitter thread
+//! (`io_submit` in batches), a poller thread blocked in `io_getevents` with
+//! no timeout, and a helper thread for operations AIO cannot do natively
+//! (fallocate; fsync where the file system refuses AIO fsync).
+//!
+//! Every completion reaches the user through the poller: results produced
+//! outside the kernel's AIO path (helper operations, requests `io_submit`
+//! refused) are parked in the slot and announced with a zero-length read on
+//! a private memfd, which completes at once. The same zero-length read with
+//! the sentinel tag is the shutdown signal.
+
+use std::cell::UnsafeCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam::channel::{self, Receiver, Sender};
+
+use crate::common::{poll_request_from_queues, SlotCollection};
+use crate::context::{ContextOptions, IoSharedContext};
+use crate::driver::{neg_errno, SENTINEL_DATA};
+use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
+
+/// The kernel's AIO ABI (`linux/aio_abi.h`), written out here so the crate
+/// needs neither libaio nor bindgen.
+#[allow(non_camel_case_types)]
+pub mod abi {
+    use std::io;
+
+    pub type aio_context_t = libc::c_ulong;
+
+    pub const IOCB_CMD_PREAD: u16 = 0;
+    pub const IOCB_CMD_PWRITE: u16 = 1;
+    pub const IOCB_CMD_FSYNC: u16 = 2;
+    pub const IOCB_CMD_FDSYNC: u16 = 3;
+    pub const IOCB_CMD_PREADV: u16 = 7;
+    pub const IOCB_CMD_PWRITEV: u16 = 8;
+
+    /// `struct iocb`: 64 bytes; `aio_key` and `aio_rw_flags` swap places on
+    /// big-endian machines.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct iocb {
+        pub aio_data: u64,
+        #[cfg(target_endian = "little")]
+        pub aio_key: u32,
+        pub aio_rw_flags: i32,
+        #[cfg(target_endian = "big")]
+        pub aio_key: u32,
+        pub aio_lio_opcode: u16,
+        pub aio_reqprio: i16,
+        pub aio_fildes: u32,
+        pub aio_buf: u64,
+        pub aio_nbytes: u64,
+        pub aio_offset: i64,
+        pub aio_reserved2: u64,
+        pub aio_flags: u32,
+        pub aio_resfd: u32,
+    }
+
+    /// `struct io_event`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct io_event {
+        pub data: u64,
+        pub obj: u64,
+        pub res: i64,
+        pub res2: i64,
+    }
+
+    const _: () = assert!(std::mem::size_of::<iocb>() == 64);
+    const _: () = assert!(std::mem::size_of::<io_event>() == 32);
+
+    fn check(ret: libc::c_long) -> io::Result<usize> {
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret as usize)
+        }
+    }
+
+    /// # Safety
+    /// `ctx` must point to a zero-initialised `aio_context_t`.
+    pub unsafe fn io_setup(nr_events: u32, ctx: *mut aio_context_t) -> io::Result<()> {
+        check(libc::syscall(libc::SYS_io_setup, nr_events as libc::c_long, ctx)).map(|_| ())
+    }
+
+    /// # Safety
+    /// `ctx` must be a context from `io_setup` that no thread uses afterwards.
+    pub unsafe fn io_destroy(ctx: aio_context_t) -> io::Result<()> {
+        check(libc::syscall(libc::SYS_io_destroy, ctx)).map(|_| ())
+    }
+
+    /// # Safety
+    /// `iocbs` must point to `nr` valid iocb pointers whose buffers stay
+    /// valid until the matching events are reaped.
+    pub unsafe fn io_submit(ctx: aio_context_t, nr: usize, iocbs: *mut *mut iocb) -> io::Result<usize> {
+        check(libc::syscall(libc::SYS_io_submit, ctx, nr as libc::c_long, iocbs))
+    }
+
+    /// # Safety
+    /// `iocb` must be a request submitted on `ctx`; `result` must be writable.
+    pub unsafe fn io_cancel(ctx: aio_context_t, iocb: *mut iocb, result: *mut io_event) -> io::Result<()> {
+        check(libc::syscall(libc::SYS_io_cancel, ctx, iocb, result)).map(|_| ())
+    }
+
+    /// # Safety
+    /// `events` must have room for `max_nr` entries; `timeout` null (wait
+    /// forever) or valid.
+    pub unsafe fn io_getevents(
+        ctx: aio_context_t,
+        min_nr: usize,
+        max_nr: usize,
+        events: *mut io_event,
+        timeout: *mut libc::timespec,
+    ) -> io::Result<usize> {
+        check(libc::syscall(
+            libc::SYS_io_getevents,
+            ctx,
+            min_nr as libc::c_long,
+            max_nr as libc::c_long,
+            events,
+            timeout,
+        ))
+    }
+}
+
+use abi::{aio_context_t, io_event, iocb};
+
+/// Most completions taken by one `io_getevents`.
+const MAX_EVENTS_PER_POLL: usize = 512;
+/// `io_submit` refusals with EAGAIN tolerated for one request before the
+/// error goes to the user.
+const MAX_SUBMIT_EAGAIN: u32 = 64;
+
+/// AIO's slot: the event and the `iocb` the kernel reads it from, so the
+/// request needs no other memory.
+pub struct AioSlot<C: IOCallbackCustom> {
+    event: Option<Box<IOEvent<C>>>,
+    iocb: iocb,
+    /// A result produced outside the AIO path, delivered by the wake read.
+    parked_result: Option<i64>,
+}
+
+struct AioInner<C: IOCallbackCustom> {
+    context: aio_context_t,
+    destroyed: AtomicBool,
+    slots: Box<[UnsafeCell<AioSlot<C>>]>,
+    /// Private memfd that zero-length reads (wake-ups, sentinel) target.
+    wake_file: OwnedFd,
+}
+
+// SAFETY: a slot is used by one thread at a time; it passes between the
+// submitter, the kernel, the poller and the helper through io_submit /
+// io_getevents and channels, each a happens-before edge.
+unsafe impl<C: IOCallbackCustom> Sync for AioInner<C> {}
+// SAFETY: as above; events are Send.
+unsafe impl<C: IOCallbackCustom> Send for AioInner<C> {}
+
+impl<C: IOCallbackCustom> AioInner<C> {
+    /// # Safety
+    /// The caller must own slot `id` at this moment (see the Sync impl).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slot(&self, id: u32) -> &mut AioSlot<C> {
+        &mut *self.slots[id as usize].get()
+    }
+
+    fn destroy(&self) {
+        if !self.destroyed.swap(true, Ordering::SeqCst) {
+            // SAFETY: the context came from io_setup and the swap makes this the
+            // only destroy; callers guarantee no request is outstanding.
+            let _ = unsafe { abi::io_destroy(self.context) };
+        }
+    }
+
+    /// Submits one iocb, retrying interruptions. Err is the refusal errno.
+    fn submit_one(&self, cb: *mut iocb) -> Result<(), io::Error> {
+        let mut list = [cb];
+        let mut eagain = 0;
+        loop {
+            // SAFETY: cb points into a slot this thread owns; its buffers belong
+            // to the slot's event, which stays parked until completion.
+            match unsafe { abi::io_submit(self.context, 1, list.as_mut_ptr()) } {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && eagain < MAX_SUBMIT_EAGAIN => {
+                    eagain += 1;
+                    thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Parks `result` in slot `id` and lets the poller deliver it.
+    fn complete_via_poller(&self, id: u32, result: i64) {
+        // SAFETY: the caller owns the slot and hands it to the kernel below.
+        let slot = unsafe { self.slot(id) };
+        slot.parked_result = Some(result);
+        slot.iocb = wake_iocb(self.wake_file.as_raw_fd(), id as u64);
+        let cb: *mut iocb = &mut slot.iocb;
+        // A zero-length read of our own memfd cannot be refused but for lack
+        // of memory; keep trying rather than lose the completion.
+        while let Err(e) = self.submit_one(cb) {
+            eprintln!("ioengine: AIO wake-up submit failed: {e}; retrying");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl<C: IOCallbackCustom> Drop for AioInner<C> {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
+
+fn wake_iocb(fd: i32, data: u64) -> iocb {
+    iocb {
+        aio_data: data,
+        aio_lio_opcode: abi::IOCB_CMD_PREAD,
+        aio_fildes: fd as u32,
+        aio_buf: 0,
+        aio_nbytes: 0,
+        ..Default::default()
+    }
+}
+
+/// Writes the iocb for the event's next request. Returns false when AIO has
+/// no native form for it (the helper thread runs it instead).
+fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32) -> bool {
+    let (opcode, buf, nbytes, offset) = match event.next_request() {
+        IoRequest::Read { buf, len, offset } => (abi::IOCB_CMD_PREAD, buf as u64, len as u64, offset),
+        IoRequest::Write { buf, len, offset } => (abi::IOCB_CMD_PWRITE, buf as u64, len as u64, offset),
+        IoRequest::Readv { iov, count, offset } => (abi::IOCB_CMD_PREADV, iov as u64, count as u64, offset),
+        IoRequest::Writev { iov, count, offset } => (abi::IOCB_CMD_PWRITEV, iov as u64, count as u64, offset),
+        IoRequest::Fsync => (abi::IOCB_CMD_FSYNC, 0, 0, 0),
+        IoRequest::Fdatasync => (abi::IOCB_CMD_FDSYNC, 0, 0, 0),
+        IoRequest::Fallocate { .. } => return false,
+    };
+    *cb = iocb {
+        aio_data: id as u64,
+        aio_lio_opcode: opcode,
+        aio_fildes: event.fd() as u32,
+        aio_buf: buf,
+        aio_nbytes: nbytes,
+        aio_offset: offset as i64,
+        ..Default::default()
+    };
+    true
+}
+
+/// Runs a request synchronously (helper thread): 0 or -errno.
+fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
+    let fd = event.fd();
+    // SAFETY: plain syscalls on a descriptor number; a bad one yields EBADF.
+    let ret = unsafe {
+        match event.next_request() {
+            IoRequest::Fallocate { mode, offset, len } => libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t),
+            IoRequest::Fsync => libc::fsync(fd),
+            IoRequest::Fdatasync => libc::fdatasync(fd),
+            _ => return -(libc::EINVAL as i64),
+        }
+    };
+    if ret < 0 {
+        neg_errno(&io::Error::last_os_error())
+    } else {
+        0
+    }
+}
+
+pub struct AioDriver;
+
+impl AioDriver {
+    /// Sets up the AIO context and starts the submitter, poller and helper
+    /// threads. The io_uring options do not apply and are ignored.
+    pub fn start<C: IOCallbackCustom>(
+        ctx: Arc<IoSharedContext<C>>,
+        _opts: &ContextOptions,
+        noti_receiver: Receiver<()>,
+    ) -> io::Result<Vec<JoinHandle<()>>> {
+        let depth = ctx.depth;
+        // SAFETY: the name is a NUL-terminated literal.
+        let raw = unsafe { libc::memfd_create(c"ioengine-aio-wake".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+        let wake_file = unsafe { OwnedFd::from_raw_fd(raw) };
+
+        let mut context: aio_context_t = 0;
+        // Room for every slot plus the sentinel.
+        let nr_events = u32::try_from(depth + 1).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: `context` is a zeroed aio_context_t on our stack.
+        unsafe { abi::io_setup(nr_events, &mut context)? };
+
+        let slots = (0..depth)
+            .map(|_| UnsafeCell::new(AioSlot { event: None, iocb: iocb::default(), parked_result: None }))
+            .collect();
+        let inner = Arc::new(AioInner { context, destroyed: AtomicBool::new(false), slots, wake_file });
+
+        let (free_sender, free_receiver) = channel::bounded(depth);
+        let (helper_sender, helper_receiver) = channel::unbounded::<u32>();
+
+        let mut threads = Vec::with_capacity(3);
+        let spawned = (|| -> io::Result<()> {
+            let inner_h = inner.clone();
+            threads.push(thread::Builder::new().name("ioe-aio-helper".into()).spawn(move || worker_helper(inner_h, helper_receiver))?);
+            let (ctx_p, inner_p, helper_p) = (ctx.clone(), inner.clone(), helper_sender.clone());
+            threads.push(
+                thread::Builder::new()
+                    .name("ioe-aio-poll".into())
+                    .spawn(move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?,
+            );
+            let inner_s = inner.clone();
+            threads.push(thread::Builder::new().name("ioe-aio-submit".into()).spawn(move || {
+                worker_submit(ctx, inner_s, noti_receiver, free_receiver, helper_sender)
+            })?);
+            Ok(())
+        })();
+        if let Err(e) = spawned {
+            // Wake a poller that may have started (nothing else is in flight),
+            // then let the helper see its channel close.
+            if threads.len() >= 2 {
+                let mut cb = wake_iocb(inner.wake_file.as_raw_fd(), SENTINEL_DATA);
+                let _ = inner.submit_one(&mut cb);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e);
+        }
+        Ok(threads)
+    }
+}
+
+/// Fills free slots straight from the queues: the iocb is written in the
+/// slot itself and its address joins the batch for one `io_submit`.
+struct AioFiller<'a, C: IOCallbackCustom> {
+    ctx: &'a IoSharedContext<C>,
+    inner: &'a AioInner<C>,
+    free: &'a mut Vec<u32>,
+    batch: &'a mut Vec<*mut iocb>,
+    helper: &'a Sender<u32>,
+}
+
+impl<C: IOCallbackCustom> SlotCollection<C> for AioFiller<'_, C> {
+    fn push(&mut self, event: Box<IOEvent<C>>) {
+        // poll_request_from_queues asks for at most free.len() events.
+        let Some(id) = self.free.pop() else {
+            unreachable!("scheduler exceeded its quota");
+        };
+        self.ctx.free_slots_count.fetch_sub(1, Ordering::SeqCst);
+        // SAFETY: `id` came from the free list, so this thread owns the slot.
+        let slot = unsafe { self.inner.slot(id) };
+        let event = slot.event.insert(event);
+        if fill_iocb(&mut slot.iocb, event, id) {
+            self.batch.push(&mut slot.iocb);
+        } else {
+            // The helper owns the slot from here; its thread outlives the submitter.
+            let _ = self.helper.send(id);
+        }
+    }
+}
+
+/// Submits the batch; a request the kernel refuses gets its error through
+/// the poller (fsync the file system cannot do asynchronously goes to the
+/// helper instead).
+fn submit_batch<C: IOCallbackCustom>(inner: &AioInner<C>, batch: &mut Vec<*mut iocb>, helper: &Sender<u32>) {
+    let mut start = 0;
+    let mut eagain = 0;
+    while start < batch.len() {
+        let rest = batch.len() - start;
+        // SAFETY: every pointer is the iocb of a slot this thread filled and owns;
+        // the slot's event keeps the buffers alive until completion.
+        match unsafe { abi::io_submit(inner.context, rest, batch.as_mut_ptr().add(start)) } {
+            Ok(n) => {
+                start += n;
+                eagain = 0;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && eagain < MAX_SUBMIT_EAGAIN => {
+                eagain += 1;
+                thread::yield_now();
+            }
+            Err(e) => {
+                // io_submit stops at the first request it refuses.
+                // SAFETY: the pointer is a slot iocb owned by this thread.
+                let refused = unsafe { &*batch[start] };
+                let id = refused.aio_data as u32;
+                let is_sync = matches!(refused.aio_lio_opcode, abi::IOCB_CMD_FSYNC | abi::IOCB_CMD_FDSYNC);
+                if is_sync && e.raw_os_error() == Some(libc::EINVAL) {
+                    let _ = helper.send(id);
+                } else {
+                    inner.complete_via_poller(id, neg_errno(&e));
+                }
+                start += 1;
+                eagain = 0;
+            }
+        }
+    }
+    batch.clear();
+}
+
+fn worker_submit<C: IOCallbackCustom>(
+    ctx: Arc<IoSharedContext<C>>,
+    inner: Arc<AioInner<C>>,
+    noti: Receiver<()>,
+    free_receiver: Receiver<u32>,
+    helper: Sender<u32>,
+) {
+    let mut free: Vec<u32> = (0..ctx.depth as u32).rev().collect();
+    let mut batch: Vec<*mut iocb> = Vec::with_capacity(ctx.depth);
+    loop {
+        // Take the pending wake-up first: anything queued after this point
+        // sends a new one, so the waits below cannot miss work.
+        let _ = noti.try_recv();
+        if ctx.total_count.load(Ordering::SeqCst) > 0 {
+            if free.is_empty() {
+                free.extend(free_receiver.try_iter());
+            }
+            let quota = free.len();
+            let mut filler = AioFiller { ctx: &ctx, inner: &inner, free: &mut free, batch: &mut batch, helper: &helper };
+            poll_request_from_queues(&ctx, quota, &mut filler);
+            submit_batch(&inner, &mut batch, &helper);
+        }
+        if ctx.total_count.load(Ordering::SeqCst) > 0 {
+            if free.is_empty() {
+                // Work waits for a slot: sleep until the poller frees one.
+                free.extend(free_receiver.recv());
+            }
+            continue;
+        }
+        if ctx.drained() {
+            break;
+        }
+        // Idle: sleep until new work. No timeout, no polling.
+        let _ = noti.recv();
+    }
+    // Shutdown: the sentinel read wakes the poller, which drains every slot,
+    // destroys the context and exits.
+    let mut sentinel = wake_iocb(inner.wake_file.as_raw_fd(), SENTINEL_DATA);
+    while let Err(e) = inner.submit_one(&mut sentinel) {
+        eprintln!("ioengine: AIO shutdown sentinel submit failed: {e}; retrying");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Applies a result to slot `id`: completes the event, or issues the next
+/// request for the rest of a short transfer (from this thread, since
+/// io_submit is thread-safe).
+fn handle_result<C: IOCallbackCustom>(
+    ctx: &IoSharedContext<C>,
+    inner: &AioInner<C>,
+    free_sender: &Sender<u32>,
+    helper: &Sender<u32>,
+    id: u32,
+    mut result: i64,
+) {
+    // SAFETY: the kernel returned this slot's request; nobody else holds it.
+    let slot = unsafe { inner.slot(id) };
+    loop {
+        let Some(event) = slot.event.as_mut() else { return };
+        match event.apply_result(result) {
+            Progress::Complete => {
+                let event = slot.event.take();
+                ctx.free_slots_count.fetch_add(1, Ordering::SeqCst);
+                // The submitter may have exited during shutdown; then nobody needs the id.
+                let _ = free_sender.send(id);
+                if let Some(event) = event {
+                    ctx.complete(event);
+                }
+                return;
+            }
+            Progress::Resubmit => {
+                if !fill_iocb(&mut slot.iocb, event, id) {
+                    let _ = helper.send(id);
+                    return;
+                }
+                match inner.submit_one(&mut slot.iocb) {
+                    Ok(()) => return,
+                    Err(e) => result = neg_errno(&e),
+                }
+            }
+        }
+    }
+}
+
+fn worker_poll<C: IOCallbackCustom>(
+    ctx: Arc<IoSharedContext<C>>,
+    inner: Arc<AioInner<C>>,
+    free_sender: Sender<u32>,
+    helper: Sender<u32>,
+) {
+    let capacity = (ctx.depth + 1).min(MAX_EVENTS_PER_POLL);
+    let mut events = vec![io_event::default(); capacity];
+    let mut exiting = false;
+    loop {
+        // SAFETY: `events` has room for `capacity` entries; a null timeout
+        // blocks until at least one completion (no periodic wake-ups).
+        let got = match unsafe { abi::io_getevents(inner.context, 1, capacity, events.as_mut_ptr(), ptr::null_mut()) } {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => {
+                eprintln!("ioengine: io_getevents failed: {e}; retrying");
+                thread::yield_now();
+                continue;
+            }
+        };
+        for info in &events[..got] {
+            if info.data == SENTINEL_DATA {
+                exiting = true;
+                continue;
+            }
+            let id = info.data as u32;
+            // SAFETY: this completion hands slot `id` to this thread.
+            let parked = unsafe { inner.slot(id) }.parked_result.take();
+            handle_result(&ctx, &inner, &free_sender, &helper, id, parked.unwrap_or(info.res));
+        }
+        if exiting && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
+            inner.destroy();
+            return;
+        }
+    }
+}
+
+/// Runs the operations AIO cannot do natively, off the submitter and poller.
+fn worker_helper<C: IOCallbackCustom>(inner: Arc<AioInner<C>>, jobs: Receiver<u32>) {
+    for id in jobs.iter() {
+        // SAFETY: whoever sent the id handed the slot over to this thread.
+        let slot = unsafe { inner.slot(id) };
+        let result = slot.event.as_mut().map_or(-(libc::EINVAL as i64), |event| run_blocking(event));
+        inner.complete_via_poller(id, result);
+    }
+}

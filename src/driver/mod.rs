@@ -1,0 +1,103 @@
+//! The drivers: each owns its slots and runs its own submitter and poller
+//! threads over the shared context. The backend is chosen once, here, when a
+//! context starts; the worker loops are monomorphic per driver.
+
+pub mod aio;
+pub mod uring;
+
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam::channel::Receiver;
+
+use crate::context::{ContextOptions, IoSharedContext};
+use crate::tasks::IOCallbackCustom;
+
+pub use aio::AioDriver;
+pub use uring::{uring_supported, UringDriver};
+
+/// `user_data` / `aio_data` of the shutdown sentinel; slot ids are smaller.
+pub(crate) const SENTINEL_DATA: u64 = u64::MAX;
+
+/// Name of the environment variable operators use to force a backend.
+pub const BACKEND_ENV: &str = "IOENGINE_BACKEND";
+
+/// Which kernel interface runs a context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Backend {
+    /// io_uring when the kernel allows it and supports the needed opcodes,
+    /// Linux AIO otherwise.
+    Auto = 0,
+    /// io_uring; fails if it cannot start.
+    Uring = 1,
+    /// Linux native AIO (`io_submit`); fails if it cannot start.
+    Aio = 2,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Uring => "io_uring",
+            Backend::Aio => "aio",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = io::Error;
+    fn from_str(s: &str) -> io::Result<Backend> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Backend::Auto),
+            "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
+            "aio" | "libaio" => Ok(Backend::Aio),
+            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown backend {s:?} (expected auto, uring or aio)"))),
+        }
+    }
+}
+
+/// The backend to start: `IOENGINE_BACKEND` when set (operators have the
+/// last word), else the requested one. A malformed variable is an error
+/// rather than being ignored.
+pub(crate) fn resolve_backend(requested: Backend) -> io::Result<Backend> {
+    match std::env::var(BACKEND_ENV) {
+        Ok(value) if !value.trim().is_empty() => value
+            .parse()
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL)),
+        _ => Ok(requested),
+    }
+}
+
+/// Starts the driver for `backend` and returns the backend that runs and
+/// the driver's threads. `Auto` falls back to AIO when io_uring cannot
+/// start for any reason; an explicit choice never falls back.
+pub(crate) fn start<C: IOCallbackCustom>(
+    shared: &Arc<IoSharedContext<C>>,
+    opts: &ContextOptions,
+    backend: Backend,
+    noti_receiver: Receiver<()>,
+) -> io::Result<(Backend, Vec<JoinHandle<()>>)> {
+    match backend {
+        Backend::Uring => UringDriver::start(shared.clone(), opts, noti_receiver).map(|t| (Backend::Uring, t)),
+        Backend::Aio => AioDriver::start(shared.clone(), opts, noti_receiver).map(|t| (Backend::Aio, t)),
+        Backend::Auto => match UringDriver::start(shared.clone(), opts, noti_receiver.clone()) {
+            Ok(threads) => Ok((Backend::Uring, threads)),
+            Err(_) => AioDriver::start(shared.clone(), opts, noti_receiver).map(|t| (Backend::Aio, t)),
+        },
+    }
+}
+
+/// `Err(errno)` of a failed libc call as a negative result value.
+pub(crate) fn neg_errno(err: &io::Error) -> i64 {
+    -(err.raw_os_error().unwrap_or(libc::EIO) as i64)
+}
