@@ -1,0 +1,490 @@
+//! Behaviour of the engine, each test on both backends (forced explicitly)
+//! and, where callbacks matter, with inline callbacks and a callback pool.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use ioengine::{
+    Backend, Buffer, ClosureCb, ContextOptions, IOAction, IOChannel, IOContext, IOEvent, IOWorkers, MergeSubmitter,
+    MAX_DEPTH,
+};
+
+const BLOCK: usize = 4096;
+
+fn errno(res: i64) -> i32 {
+    assert!(res < 0, "expected an error, got {res}");
+    (-res) as i32
+}
+
+/// Writes `blocks` random blocks at distinct random offsets, then reads
+/// each back through the engine and compares byte for byte.
+fn write_then_read_random(backend: Backend, workers: &IOWorkers<ClosureCb>, direct: bool) {
+    const FILE_BLOCKS: u64 = 1024;
+    let file = TempFile::new("rand", FILE_BLOCKS * BLOCK as u64, direct);
+    let ctx = context(backend, 32, workers);
+    let col = Collector::new();
+    let mut rng = Rng::new(0x1234 + direct as u64);
+
+    let mut offsets = Vec::new();
+    let mut seen = HashSet::new();
+    while offsets.len() < 300 {
+        let block = rng.next() % FILE_BLOCKS;
+        if seen.insert(block) {
+            offsets.push(block * BLOCK as u64);
+        }
+    }
+    let mut expected = Vec::new();
+    for (i, &off) in offsets.iter().enumerate() {
+        let mut buf = Buffer::aligned(BLOCK).unwrap();
+        rng.fill(buf.as_mut_slice());
+        expected.push(buf.as_slice().to_vec());
+        ctx.submit(col.event(file.fd(), buf, IOAction::Write, off, i as u64), IOChannel::Write).unwrap();
+    }
+    for done in col.wait(offsets.len()) {
+        assert_eq!(done.result, BLOCK as i64, "write {} on {backend}", done.tag);
+    }
+    for (i, &off) in offsets.iter().enumerate() {
+        let buf = Buffer::aligned(BLOCK).unwrap();
+        ctx.submit(col.event(file.fd(), buf, IOAction::Read, off, i as u64), IOChannel::Read).unwrap();
+    }
+    let mut tags = HashSet::new();
+    for done in col.wait(offsets.len()) {
+        assert_eq!(done.result, BLOCK as i64);
+        assert!(tags.insert(done.tag), "tag {} completed twice", done.tag);
+        assert_eq!(done.buf.unwrap().as_slice(), &expected[done.tag as usize][..], "block {} differs", done.tag);
+    }
+    let stats = ctx.stats();
+    assert_eq!(stats.submitted, 600);
+    assert_eq!(stats.completed, 600);
+    assert_eq!(stats.failed, 0);
+    drop(ctx);
+    // Independent check through the page cache (O_DIRECT wrote to the device).
+    let contents = file.contents();
+    for (i, &off) in offsets.iter().enumerate() {
+        assert_eq!(&contents[off as usize..off as usize + BLOCK], &expected[i][..]);
+    }
+}
+
+#[test]
+fn random_offset_writes_read_back_identical() {
+    for backend in BACKENDS {
+        for workers in worker_modes() {
+            write_then_read_random(backend, &workers, false);
+        }
+    }
+}
+
+#[test]
+fn o_direct_with_aligned_buffers() {
+    for backend in BACKENDS {
+        write_then_read_random(backend, &IOWorkers::new(0).unwrap(), true);
+    }
+}
+
+/// The file's O_DIRECT alignment rules (memory, offset) from statx.
+fn dio_alignment(file: &TempFile) -> (u32, u32) {
+    // SAFETY: statx writes into the zeroed struct we own; the path is empty
+    // and AT_EMPTY_PATH makes it describe the descriptor itself.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statx(file.fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
+    assert_eq!(rc, 0, "statx");
+    assert!(stx.stx_mask & libc::STATX_DIOALIGN != 0, "file system does not report O_DIRECT alignment");
+    (stx.stx_dio_mem_align, stx.stx_dio_offset_align)
+}
+
+#[test]
+fn misaligned_o_direct_buffer_fails_with_einval_and_engine_keeps_serving() {
+    for backend in BACKENDS {
+        let file = TempFile::new("misaligned", 0, true);
+        // Allocated blocks: O_DIRECT reads of holes are served without any
+        // alignment check on some file systems (ext4 zero-fills them).
+        std::fs::write(&file.path, vec![0x11u8; 64 * 1024]).unwrap();
+        file.file.sync_all().unwrap();
+        let (mem_align, offset_align) = dio_alignment(&file);
+        assert!(offset_align > 1);
+        let ctx = context(backend, 8, &IOWorkers::new(0).unwrap());
+        let col = Collector::new();
+
+        // A buffer length that is not a multiple of the block size.
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK - 1).unwrap(), IOAction::Read, 0, 1), IOChannel::Read).unwrap();
+        assert_eq!(errno(col.wait_one().result), libc::EINVAL, "{backend} misaligned length");
+        // A file offset that is not block aligned.
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Write, 1, 2), IOChannel::Write).unwrap();
+        assert_eq!(errno(col.wait_one().result), libc::EINVAL, "{backend} misaligned offset");
+
+        // A buffer address below the device's memory alignment. Recent kernels
+        // only require the device's DMA alignment, which may be a single byte.
+        let mut backing = Buffer::aligned(2 * BLOCK).unwrap();
+        let shift = if mem_align > 1 { mem_align as usize / 2 } else { 1 };
+        // SAFETY: the slice starts `shift` bytes into an 8 KiB allocation that
+        // outlives the I/O (we wait for its completion below).
+        let misaligned = unsafe { Buffer::from_raw_parts(backing.as_mut_ptr().add(shift), BLOCK) }.unwrap();
+        ctx.submit(col.event(file.fd(), misaligned, IOAction::Read, 0, 3), IOChannel::Read).unwrap();
+        let result = col.wait_one().result;
+        if mem_align > 1 {
+            assert_eq!(errno(result), libc::EINVAL, "{backend} misaligned address (dio_mem_align {mem_align})");
+        } else {
+            assert_eq!(result, BLOCK as i64, "{backend}: device accepts any address alignment");
+        }
+
+        let mut data = Buffer::aligned(BLOCK).unwrap();
+        data.as_mut_slice().fill(0x5a);
+        ctx.submit(col.event(file.fd(), data, IOAction::Write, 8192, 4), IOChannel::Write).unwrap();
+        assert_eq!(col.wait_one().result, BLOCK as i64);
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 8192, 5), IOChannel::Read).unwrap();
+        let done = col.wait_one();
+        assert_eq!(done.result, BLOCK as i64);
+        assert!(done.buf.unwrap().as_slice().iter().all(|&b| b == 0x5a));
+        assert_eq!(ctx.stats().failed, if mem_align > 1 { 3 } else { 2 });
+    }
+}
+
+#[test]
+fn invalid_fd_fails_with_ebadf() {
+    for backend in BACKENDS {
+        let ctx = context(backend, 8, &IOWorkers::new(0).unwrap());
+        let col = Collector::new();
+        // -1 and a number far above any descriptor this process has open
+        // (a closed descriptor could be reused by a parallel test).
+        for (tag, fd) in [(1u64, -1), (2, 1 << 20)] {
+            ctx.submit(col.event(fd, Buffer::aligned(512).unwrap(), IOAction::Read, 0, tag), IOChannel::Read).unwrap();
+            assert_eq!(errno(col.wait_one().result), libc::EBADF, "{backend} fd {fd}");
+            let mut ev = IOEvent::fsync(fd);
+            col.attach(&mut ev, tag);
+            ctx.submit(ev, IOChannel::Prio).unwrap();
+            assert_eq!(errno(col.wait_one().result), libc::EBADF, "{backend} fsync fd {fd}");
+        }
+        // Still serving.
+        let file = TempFile::new("ebadf", 4096, false);
+        ctx.submit(col.event(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, 0, 9), IOChannel::Read).unwrap();
+        assert_eq!(col.wait_one().result, 512);
+        assert_eq!(ctx.stats().failed, 4);
+    }
+}
+
+#[test]
+fn reads_past_end_of_file_return_the_bytes_that_exist() {
+    for backend in BACKENDS {
+        let file = TempFile::new("eof", 0, false);
+        let mut rng = Rng::new(99);
+        let mut content = vec![0u8; 10_000];
+        rng.fill(&mut content);
+        std::fs::write(&file.path, &content).unwrap();
+
+        let ctx = context(backend, 8, &IOWorkers::new(1).unwrap());
+        let col = Collector::new();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(8192).unwrap(), IOAction::Read, 8192, 1), IOChannel::Read).unwrap();
+        let done = col.wait_one();
+        assert_eq!(done.result, 10_000 - 8192);
+        assert_eq!(&done.buf.unwrap().as_slice()[..10_000 - 8192], &content[8192..]);
+
+        ctx.submit(col.event(file.fd(), Buffer::aligned(4096).unwrap(), IOAction::Read, 20_000, 2), IOChannel::Read).unwrap();
+        assert_eq!(col.wait_one().result, 0);
+    }
+}
+
+#[test]
+fn fsync_fdatasync_and_fallocate() {
+    for backend in BACKENDS {
+        let file = TempFile::new("sync", 0, false);
+        let ctx = context(backend, 8, &IOWorkers::new(0).unwrap());
+        let col = Collector::new();
+
+        let mut ev = IOEvent::fallocate(file.fd(), 0, 0, 1 << 20);
+        col.attach(&mut ev, 1);
+        ctx.submit(ev, IOChannel::Write).unwrap();
+        assert_eq!(col.wait_one().result, 0, "{backend} fallocate");
+        assert_eq!(file.file.metadata().unwrap().len(), 1 << 20);
+
+        let mut data = Buffer::aligned(BLOCK).unwrap();
+        data.as_mut_slice().fill(0xee);
+        ctx.submit(col.event(file.fd(), data, IOAction::Write, 0, 2), IOChannel::Write).unwrap();
+        assert_eq!(col.wait_one().result, BLOCK as i64);
+
+        for (tag, mut ev) in [(3, IOEvent::fsync(file.fd())), (4, IOEvent::fdatasync(file.fd()))] {
+            col.attach(&mut ev, tag);
+            ctx.submit(ev, IOChannel::Prio).unwrap();
+            assert_eq!(col.wait_one().result, 0, "{backend} sync {tag}");
+        }
+
+        // Punch the block out again; it reads back as zeros and the size stays.
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let mut ev = IOEvent::fallocate(file.fd(), mode, 0, BLOCK as u64);
+        col.attach(&mut ev, 5);
+        ctx.submit(ev, IOChannel::Write).unwrap();
+        assert_eq!(col.wait_one().result, 0, "{backend} punch hole");
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 0, 6), IOChannel::Read).unwrap();
+        let done = col.wait_one();
+        assert_eq!(done.result, BLOCK as i64);
+        assert!(done.buf.unwrap().as_slice().iter().all(|&b| b == 0));
+        assert_eq!(file.file.metadata().unwrap().len(), 1 << 20);
+
+        // A mode the kernel rejects reports its error.
+        let mut ev = IOEvent::fallocate(file.fd(), libc::FALLOC_FL_PUNCH_HOLE, 0, BLOCK as u64);
+        col.attach(&mut ev, 7);
+        ctx.submit(ev, IOChannel::Write).unwrap();
+        assert!(col.wait_one().result < 0, "{backend} punch hole without keep-size must fail");
+    }
+}
+
+#[test]
+fn drop_with_hundreds_in_flight_runs_every_callback_exactly_once() {
+    for backend in BACKENDS {
+        for workers in worker_modes() {
+            const EVENTS: usize = 800;
+            let file = TempFile::new("drain", (EVENTS * BLOCK) as u64, false);
+            let ctx = context(backend, 16, &workers);
+            let calls: Arc<Vec<AtomicUsize>> = Arc::new((0..EVENTS).map(|_| AtomicUsize::new(0)).collect());
+            for i in 0..EVENTS {
+                let action = if i % 2 == 0 { IOAction::Write } else { IOAction::Read };
+                let mut ev = IOEvent::new(file.fd(), Buffer::aligned(BLOCK).unwrap(), action, (i * BLOCK) as u64);
+                let calls = calls.clone();
+                ev.set_callback(ClosureCb::new(move |ev| {
+                    assert_eq!(ev.result(), Some(BLOCK as i64));
+                    calls[i].fetch_add(1, Ordering::SeqCst);
+                }));
+                let channel = [IOChannel::Write, IOChannel::Read, IOChannel::Prio][i % 3];
+                ctx.submit(ev, channel).unwrap();
+            }
+            // Most are still queued or in flight here; drop must drain them all.
+            drop(ctx);
+            for (i, c) in calls.iter().enumerate() {
+                assert_eq!(c.load(Ordering::SeqCst), 1, "{backend}: event {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn merging_gives_each_event_its_own_bytes() {
+    for backend in BACKENDS {
+        for workers in worker_modes() {
+            let file = TempFile::new("merge", 0, false);
+            let ctx = context(backend, 8, &workers);
+            let col = Collector::new();
+            let mut rng = Rng::new(7);
+            let mut expected = vec![0u8; 64 * BLOCK];
+            rng.fill(&mut expected);
+
+            let mut writer = MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Write, IOChannel::Write, 32 * BLOCK).unwrap();
+            for i in 0..64 {
+                let buf = Buffer::copy_from(&expected[i * BLOCK..(i + 1) * BLOCK]).unwrap();
+                writer.add_event(col.event(file.fd(), buf, IOAction::Write, (i * BLOCK) as u64, i as u64)).unwrap();
+            }
+            writer.flush();
+            assert_eq!(writer.held_count(), 0);
+            for done in col.wait(64) {
+                assert_eq!(done.result, BLOCK as i64);
+            }
+            assert_eq!(ctx.stats().merged, 64);
+            assert_eq!(file.contents(), expected);
+
+            // Reads of odd sizes, merged, then one that runs past end of file.
+            let sizes = [100usize, 4096, 3000, 9000, 512];
+            let mut reader = MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Read, IOChannel::Read, 1 << 20).unwrap();
+            let mut off = 0usize;
+            for (i, &len) in sizes.iter().enumerate() {
+                reader.add_event(col.event(file.fd(), Buffer::aligned(len).unwrap(), IOAction::Read, off as u64, i as u64)).unwrap();
+                off += len;
+            }
+            let tail_start = expected.len() - 1000;
+            // Not contiguous: flushes the run above and starts a new one.
+            reader.add_event(col.event(file.fd(), Buffer::aligned(2000).unwrap(), IOAction::Read, tail_start as u64, 10)).unwrap();
+            reader.add_event(col.event(file.fd(), Buffer::aligned(4096).unwrap(), IOAction::Read, (tail_start + 2000) as u64, 11)).unwrap();
+            drop(reader); // flushes
+            let mut done_all = col.wait(sizes.len() + 2);
+            done_all.sort_by_key(|d| d.tag);
+            let mut off = 0usize;
+            for (done, &len) in done_all.iter().zip(sizes.iter()) {
+                assert_eq!(done.result, len as i64);
+                assert_eq!(done.buf.as_ref().unwrap().as_slice(), &expected[off..off + len], "{backend} merged read {}", done.tag);
+                off += len;
+            }
+            let tail = &done_all[sizes.len()];
+            assert_eq!(tail.result, 1000);
+            assert_eq!(&tail.buf.as_ref().unwrap().as_slice()[..1000], &expected[tail_start..]);
+            assert_eq!(done_all[sizes.len() + 1].result, 0);
+            assert_eq!(ctx.stats().merged, 64 + sizes.len() as u64 + 2);
+        }
+    }
+}
+
+#[test]
+fn merge_submitter_rejects_foreign_events() {
+    let ctx = context(Backend::Uring, 4, &IOWorkers::new(0).unwrap());
+    let file = TempFile::new("merge-reject", 8192, false);
+    let mut writer = MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Write, IOChannel::Write, 8192).unwrap();
+    let col = Collector::new();
+    let wrong_action = col.event(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, 0, 1);
+    let err = writer.add_event(wrong_action).unwrap_err();
+    assert_eq!(err.error.raw_os_error(), Some(libc::EINVAL));
+    let wrong_fd = col.event(file.fd() + 1000, Buffer::aligned(512).unwrap(), IOAction::Write, 0, 2);
+    assert_eq!(writer.add_event(wrong_fd).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+    assert!(MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Fsync, IOChannel::Write, 8192).is_err());
+    assert!(MergeSubmitter::new(ctx, file.fd(), IOAction::Write, IOChannel::Write, 0).is_err());
+}
+
+#[test]
+fn invalid_events_and_options_are_refused_synchronously() {
+    let workers = IOWorkers::<ClosureCb>::new(0).unwrap();
+    for depth in [0, MAX_DEPTH + 1] {
+        let err = IOContext::with_options(&ContextOptions::with_depth(depth), &workers).err().expect("bad depth accepted");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+    let small_cq = ContextOptions { cq_size: Some(8), ..ContextOptions::with_depth(8) };
+    assert_eq!(IOContext::with_options(&small_cq, &workers).err().unwrap().raw_os_error(), Some(libc::EINVAL));
+
+    for backend in BACKENDS {
+        let ctx = context(backend, 4, &workers);
+        let col = Collector::new();
+        let zero = col.event(0, Buffer::aligned(0).unwrap(), IOAction::Read, 0, 1);
+        let err = ctx.submit(zero, IOChannel::Read).unwrap_err();
+        assert_eq!(err.error.raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(err.event.user_tag, 1);
+        let far = col.event(0, Buffer::aligned(512).unwrap(), IOAction::Read, i64::MAX as u64, 2);
+        assert_eq!(ctx.submit(far, IOChannel::Read).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+        let mut empty_alloc = IOEvent::fallocate(0, 0, 0, 0);
+        col.attach(&mut empty_alloc, 3);
+        assert!(ctx.submit(empty_alloc, IOChannel::Write).is_err());
+        assert_eq!(ctx.stats().submitted, 0);
+        // Refused events never call back.
+        drop(ctx);
+        assert!(col.drain_ready().is_empty());
+    }
+}
+
+#[test]
+fn stress_many_threads_more_events_than_depth_loses_nothing() {
+    for backend in BACKENDS {
+        const THREADS: usize = 4;
+        const PER_THREAD: usize = 10_000;
+        const FILE_BLOCKS: usize = 256;
+        let file = Arc::new(TempFile::new("stress", 0, false));
+        let mut pattern = vec![0u8; FILE_BLOCKS * 512];
+        Rng::new(5).fill(&mut pattern);
+        std::fs::write(&file.path, &pattern).unwrap();
+        let pattern = Arc::new(pattern);
+
+        let workers = IOWorkers::new(2).unwrap();
+        let ctx = context(backend, 64, &workers);
+        let col = Collector::new();
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (ctx, col, file, pattern) = (ctx.clone(), col.clone(), file.clone(), pattern.clone());
+                s.spawn(move || {
+                    let mut rng = Rng::new(t as u64 + 1);
+                    for i in 0..PER_THREAD {
+                        let tag = (t * PER_THREAD + i) as u64;
+                        let block = (rng.next() % FILE_BLOCKS as u64) as usize;
+                        let (action, channel, buf) = match i % 4 {
+                            // Rewrites the block with the bytes it already holds, so
+                            // concurrent reads always see the same pattern.
+                            0 => (IOAction::Write, IOChannel::Write, Buffer::copy_from(&pattern[block * 512..(block + 1) * 512]).unwrap()),
+                            1 => (IOAction::Read, IOChannel::Prio, Buffer::aligned(512).unwrap()),
+                            _ => (IOAction::Read, IOChannel::Read, Buffer::aligned(512).unwrap()),
+                        };
+                        ctx.submit(col.event(file.fd(), buf, action, (block * 512) as u64, tag), channel).unwrap();
+                    }
+                });
+            }
+        });
+        let total = THREADS * PER_THREAD;
+        let mut seen = vec![false; total];
+        for done in col.wait(total) {
+            assert!(!seen[done.tag as usize], "{backend}: event {} completed twice", done.tag);
+            seen[done.tag as usize] = true;
+            assert_eq!(done.result, 512, "{backend}: event {}", done.tag);
+            if done.action == IOAction::Read {
+                let off = done.offset as usize;
+                assert_eq!(done.buf.unwrap().as_slice(), &pattern[off..off + 512]);
+            }
+        }
+        assert!(col.drain_ready().is_empty(), "{backend}: extra completions");
+        let stats = ctx.stats();
+        assert_eq!((stats.submitted, stats.completed, stats.failed), (total as u64, total as u64, 0));
+        assert_eq!((stats.pending, stats.in_flight), (0, 0));
+    }
+}
+
+#[test]
+fn callbacks_may_submit_and_may_drop_the_last_handle() {
+    for backend in BACKENDS {
+        for workers in worker_modes() {
+            let file = Arc::new(TempFile::new("chain", 8192, false));
+            let ctx = context(backend, 4, &workers);
+            let col = Collector::new();
+            // The write's callback submits a read of the same block, then drops
+            // the context handle it holds, which is the last one.
+            let mut data = Buffer::aligned(BLOCK).unwrap();
+            data.as_mut_slice().fill(0x42);
+            let mut ev = IOEvent::new(file.fd(), data, IOAction::Write, 0);
+            let (ctx_in_cb, col_in_cb, file_in_cb) = (ctx.clone(), col.clone(), file.clone());
+            ev.set_callback(ClosureCb::new(move |ev| {
+                assert_eq!(ev.result(), Some(BLOCK as i64));
+                let read = col_in_cb.event(file_in_cb.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 0, 2);
+                ctx_in_cb.submit(read, IOChannel::Read).unwrap();
+                drop(ctx_in_cb);
+            }));
+            ctx.submit(ev, IOChannel::Write).unwrap();
+            drop(ctx);
+            let done = col.wait_one();
+            assert_eq!(done.result, BLOCK as i64, "{backend}");
+            assert!(done.buf.unwrap().as_slice().iter().all(|&b| b == 0x42));
+        }
+    }
+}
+
+#[test]
+fn a_panicking_callback_is_contained() {
+    for backend in BACKENDS {
+        let file = TempFile::new("panic", 8192, false);
+        let ctx = context(backend, 4, &IOWorkers::new(0).unwrap());
+        let mut ev = IOEvent::new(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, 0);
+        ev.set_callback(ClosureCb::new(|_| panic!("callback panic (expected by the test)")));
+        ctx.submit(ev, IOChannel::Read).unwrap();
+        let col = Collector::new();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, 0, 1), IOChannel::Read).unwrap();
+        assert_eq!(col.wait_one().result, 512);
+        assert_eq!(ctx.stats().completed, 2);
+    }
+}
+
+#[test]
+fn io_uring_setup_flags() {
+    let workers = IOWorkers::<ClosureCb>::new(0).unwrap();
+    // SQPOLL with a short idle time, and an explicit completion-queue size.
+    for opts in [
+        ContextOptions { backend: Backend::Uring, sqpoll_idle_ms: Some(50), ..ContextOptions::with_depth(16) },
+        ContextOptions { backend: Backend::Uring, cq_size: Some(256), ..ContextOptions::with_depth(16) },
+    ] {
+        let ctx = IOContext::with_options(&opts, &workers).unwrap();
+        let file = TempFile::new("flags", 64 * 1024, false);
+        let col = Collector::new();
+        for i in 0..32u64 {
+            let buf = Buffer::copy_from(&[i as u8; 512]).unwrap();
+            ctx.submit(col.event(file.fd(), buf, IOAction::Write, i * 512, i), IOChannel::Write).unwrap();
+        }
+        for done in col.wait(32) {
+            assert_eq!(done.result, 512);
+        }
+        let contents = file.contents();
+        for i in 0..32usize {
+            assert!(contents[i * 512..(i + 1) * 512].iter().all(|&b| b == i as u8));
+        }
+    }
+    // IOPOLL needs a device with poll queues: the ring starts, and an I/O on
+    // a file that cannot be polled still gets exactly one callback.
+    let opts = ContextOptions { backend: Backend::Uring, iopoll: true, ..ContextOptions::with_depth(4) };
+    let ctx = IOContext::with_options(&opts, &workers).unwrap();
+    let file = TempFile::new("iopoll", 64 * 1024, true);
+    let col = Collector::new();
+    ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 0, 1), IOChannel::Read).unwrap();
+    let done = col.wait_one();
+    assert!(done.result == BLOCK as i64 || done.result < 0);
+    drop(ctx);
+    assert!(col.drain_ready().is_empty());
+}
