@@ -184,10 +184,7 @@ mod tests {
         for round in 0..50 {
             queue(&ctx, IOChannel::Read, 1, 100_000 + round);
             let got = poll(&ctx, 2);
-            assert!(
-                got.iter().any(|g| g.0 == IOAction::Read),
-                "round {round}: the read waited behind the write flood"
-            );
+            assert!(got.iter().any(|g| g.0 == IOAction::Read), "round {round}: the read waited behind the write flood");
         }
     }
 

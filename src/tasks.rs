@@ -100,8 +100,8 @@ impl Buffer {
 
     /// An owned, zero-filled buffer with the given power-of-two alignment.
     pub fn with_alignment(len: usize, align: usize) -> io::Result<Buffer> {
-        let layout = Layout::from_size_align(len.max(1), align)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let layout =
+            Layout::from_size_align(len.max(1), align).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         if len == 0 {
             // A zero-length buffer owns no memory; a dangling aligned pointer is
             // valid for zero-byte accesses.
@@ -322,8 +322,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
 
     /// Like [`result`](Self::result) as an `io::Result`.
     pub fn io_result(&self) -> Option<io::Result<usize>> {
-        self.result()
-            .map(|r| if r < 0 { Err(io::Error::from_raw_os_error((-r) as i32)) } else { Ok(r as usize) })
+        self.result().map(|r| if r < 0 { Err(io::Error::from_raw_os_error((-r) as i32)) } else { Ok(r as usize) })
     }
 
     pub fn buffer(&self) -> Option<&Buffer> {
@@ -437,11 +436,10 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     /// event is complete. Short reads/writes resubmit the remainder; a read
     /// that reaches end of file completes with the bytes it got.
     pub(crate) fn apply_result(&mut self, res: i64) -> Progress {
-        if res == -(libc::EAGAIN as i64) || res == -(libc::EINTR as i64) {
-            if self.transient_retries < MAX_TRANSIENT_RETRIES {
-                self.transient_retries += 1;
-                return Progress::Resubmit;
-            }
+        let transient = res == -(libc::EAGAIN as i64) || res == -(libc::EINTR as i64);
+        if transient && self.transient_retries < MAX_TRANSIENT_RETRIES {
+            self.transient_retries += 1;
+            return Progress::Resubmit;
         }
         match self.action {
             IOAction::Read | IOAction::Write => {
@@ -588,7 +586,8 @@ mod tests {
     fn validate_rejects_zero_length_and_overflowing_ranges() {
         let ev: Box<IOEvent<ClosureCb>> = IOEvent::new(3, Buffer::aligned(0).unwrap(), IOAction::Write, 0);
         assert_eq!(ev.validate(), Err(libc::EINVAL));
-        let ev: Box<IOEvent<ClosureCb>> = IOEvent::new(3, Buffer::aligned(4096).unwrap(), IOAction::Read, u64::MAX - 10);
+        let ev: Box<IOEvent<ClosureCb>> =
+            IOEvent::new(3, Buffer::aligned(4096).unwrap(), IOAction::Read, u64::MAX - 10);
         assert_eq!(ev.validate(), Err(libc::EINVAL));
         let ev: Box<IOEvent<ClosureCb>> = IOEvent::fallocate(3, 0, 0, 0);
         assert_eq!(ev.validate(), Err(libc::EINVAL));

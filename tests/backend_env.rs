@@ -6,7 +6,9 @@ use ioengine::{uring_supported, Backend, ClosureCb, ContextOptions, IOContext, I
 #[test]
 fn environment_variable_selects_the_backend() {
     let workers = IOWorkers::<ClosureCb>::new(0).unwrap();
-    let open = |requested: Backend| IOContext::with_options(&ContextOptions { backend: requested, ..ContextOptions::with_depth(4) }, &workers);
+    let open = |requested: Backend| {
+        IOContext::with_options(&ContextOptions { backend: requested, ..ContextOptions::with_depth(4) }, &workers)
+    };
 
     std::env::remove_var(BACKEND_ENV);
     assert!(uring_supported(), "io_uring must work on the test machine");

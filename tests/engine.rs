@@ -110,10 +110,12 @@ fn misaligned_o_direct_buffer_fails_with_einval_and_engine_keeps_serving() {
         let col = Collector::new();
 
         // A buffer length that is not a multiple of the block size.
-        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK - 1).unwrap(), IOAction::Read, 0, 1), IOChannel::Read).unwrap();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK - 1).unwrap(), IOAction::Read, 0, 1), IOChannel::Read)
+            .unwrap();
         assert_eq!(errno(col.wait_one().result), libc::EINVAL, "{backend} misaligned length");
         // A file offset that is not block aligned.
-        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Write, 1, 2), IOChannel::Write).unwrap();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Write, 1, 2), IOChannel::Write)
+            .unwrap();
         assert_eq!(errno(col.wait_one().result), libc::EINVAL, "{backend} misaligned offset");
 
         // A buffer address below the device's memory alignment. Recent kernels
@@ -135,7 +137,8 @@ fn misaligned_o_direct_buffer_fails_with_einval_and_engine_keeps_serving() {
         data.as_mut_slice().fill(0x5a);
         ctx.submit(col.event(file.fd(), data, IOAction::Write, 8192, 4), IOChannel::Write).unwrap();
         assert_eq!(col.wait_one().result, BLOCK as i64);
-        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 8192, 5), IOChannel::Read).unwrap();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 8192, 5), IOChannel::Read)
+            .unwrap();
         let done = col.wait_one();
         assert_eq!(done.result, BLOCK as i64);
         assert!(done.buf.unwrap().as_slice().iter().all(|&b| b == 0x5a));
@@ -177,12 +180,14 @@ fn reads_past_end_of_file_return_the_bytes_that_exist() {
 
         let ctx = context(backend, 8, &IOWorkers::new(1).unwrap());
         let col = Collector::new();
-        ctx.submit(col.event(file.fd(), Buffer::aligned(8192).unwrap(), IOAction::Read, 8192, 1), IOChannel::Read).unwrap();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(8192).unwrap(), IOAction::Read, 8192, 1), IOChannel::Read)
+            .unwrap();
         let done = col.wait_one();
         assert_eq!(done.result, 10_000 - 8192);
         assert_eq!(&done.buf.unwrap().as_slice()[..10_000 - 8192], &content[8192..]);
 
-        ctx.submit(col.event(file.fd(), Buffer::aligned(4096).unwrap(), IOAction::Read, 20_000, 2), IOChannel::Read).unwrap();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(4096).unwrap(), IOAction::Read, 20_000, 2), IOChannel::Read)
+            .unwrap();
         assert_eq!(col.wait_one().result, 0);
     }
 }
@@ -217,7 +222,8 @@ fn fsync_fdatasync_and_fallocate() {
         col.attach(&mut ev, 5);
         ctx.submit(ev, IOChannel::Write).unwrap();
         assert_eq!(col.wait_one().result, 0, "{backend} punch hole");
-        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 0, 6), IOChannel::Read).unwrap();
+        ctx.submit(col.event(file.fd(), Buffer::aligned(BLOCK).unwrap(), IOAction::Read, 0, 6), IOChannel::Read)
+            .unwrap();
         let done = col.wait_one();
         assert_eq!(done.result, BLOCK as i64);
         assert!(done.buf.unwrap().as_slice().iter().all(|&b| b == 0));
@@ -270,7 +276,8 @@ fn merging_gives_each_event_its_own_bytes() {
             let mut expected = vec![0u8; 64 * BLOCK];
             rng.fill(&mut expected);
 
-            let mut writer = MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Write, IOChannel::Write, 32 * BLOCK).unwrap();
+            let mut writer =
+                MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Write, IOChannel::Write, 32 * BLOCK).unwrap();
             for i in 0..64 {
                 let buf = Buffer::copy_from(&expected[i * BLOCK..(i + 1) * BLOCK]).unwrap();
                 writer.add_event(col.event(file.fd(), buf, IOAction::Write, (i * BLOCK) as u64, i as u64)).unwrap();
@@ -285,23 +292,47 @@ fn merging_gives_each_event_its_own_bytes() {
 
             // Reads of odd sizes, merged, then one that runs past end of file.
             let sizes = [100usize, 4096, 3000, 9000, 512];
-            let mut reader = MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Read, IOChannel::Read, 1 << 20).unwrap();
+            let mut reader =
+                MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Read, IOChannel::Read, 1 << 20).unwrap();
             let mut off = 0usize;
             for (i, &len) in sizes.iter().enumerate() {
-                reader.add_event(col.event(file.fd(), Buffer::aligned(len).unwrap(), IOAction::Read, off as u64, i as u64)).unwrap();
+                reader
+                    .add_event(col.event(
+                        file.fd(),
+                        Buffer::aligned(len).unwrap(),
+                        IOAction::Read,
+                        off as u64,
+                        i as u64,
+                    ))
+                    .unwrap();
                 off += len;
             }
             let tail_start = expected.len() - 1000;
             // Not contiguous: flushes the run above and starts a new one.
-            reader.add_event(col.event(file.fd(), Buffer::aligned(2000).unwrap(), IOAction::Read, tail_start as u64, 10)).unwrap();
-            reader.add_event(col.event(file.fd(), Buffer::aligned(4096).unwrap(), IOAction::Read, (tail_start + 2000) as u64, 11)).unwrap();
+            reader
+                .add_event(col.event(file.fd(), Buffer::aligned(2000).unwrap(), IOAction::Read, tail_start as u64, 10))
+                .unwrap();
+            reader
+                .add_event(col.event(
+                    file.fd(),
+                    Buffer::aligned(4096).unwrap(),
+                    IOAction::Read,
+                    (tail_start + 2000) as u64,
+                    11,
+                ))
+                .unwrap();
             drop(reader); // flushes
             let mut done_all = col.wait(sizes.len() + 2);
             done_all.sort_by_key(|d| d.tag);
             let mut off = 0usize;
             for (done, &len) in done_all.iter().zip(sizes.iter()) {
                 assert_eq!(done.result, len as i64);
-                assert_eq!(done.buf.as_ref().unwrap().as_slice(), &expected[off..off + len], "{backend} merged read {}", done.tag);
+                assert_eq!(
+                    done.buf.as_ref().unwrap().as_slice(),
+                    &expected[off..off + len],
+                    "{backend} merged read {}",
+                    done.tag
+                );
                 off += len;
             }
             let tail = &done_all[sizes.len()];
@@ -332,7 +363,8 @@ fn merge_submitter_rejects_foreign_events() {
 fn invalid_events_and_options_are_refused_synchronously() {
     let workers = IOWorkers::<ClosureCb>::new(0).unwrap();
     for depth in [0, MAX_DEPTH + 1] {
-        let err = IOContext::with_options(&ContextOptions::with_depth(depth), &workers).err().expect("bad depth accepted");
+        let err =
+            IOContext::with_options(&ContextOptions::with_depth(depth), &workers).err().expect("bad depth accepted");
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     }
     let small_cq = ContextOptions { cq_size: Some(8), ..ContextOptions::with_depth(8) };
@@ -383,7 +415,11 @@ fn stress_many_threads_more_events_than_depth_loses_nothing() {
                         let (action, channel, buf) = match i % 4 {
                             // Rewrites the block with the bytes it already holds, so
                             // concurrent reads always see the same pattern.
-                            0 => (IOAction::Write, IOChannel::Write, Buffer::copy_from(&pattern[block * 512..(block + 1) * 512]).unwrap()),
+                            0 => (
+                                IOAction::Write,
+                                IOChannel::Write,
+                                Buffer::copy_from(&pattern[block * 512..(block + 1) * 512]).unwrap(),
+                            ),
                             1 => (IOAction::Read, IOChannel::Prio, Buffer::aligned(512).unwrap()),
                             _ => (IOAction::Read, IOChannel::Read, Buffer::aligned(512).unwrap()),
                         };

@@ -259,7 +259,9 @@ fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
     // SAFETY: plain syscalls on a descriptor number; a bad one yields EBADF.
     let ret = unsafe {
         match event.next_request() {
-            IoRequest::Fallocate { mode, offset, len } => libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t),
+            IoRequest::Fallocate { mode, offset, len } => {
+                libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t)
+            }
             IoRequest::Fsync => libc::fsync(fd),
             IoRequest::Fdatasync => libc::fdatasync(fd),
             _ => return -(libc::EINVAL as i64),
@@ -308,7 +310,11 @@ impl AioDriver {
         let mut threads = Vec::with_capacity(3);
         let spawned = (|| -> io::Result<()> {
             let inner_h = inner.clone();
-            threads.push(thread::Builder::new().name("ioe-aio-helper".into()).spawn(move || worker_helper(inner_h, helper_receiver))?);
+            threads.push(
+                thread::Builder::new()
+                    .name("ioe-aio-helper".into())
+                    .spawn(move || worker_helper(inner_h, helper_receiver))?,
+            );
             let (ctx_p, inner_p, helper_p) = (ctx.clone(), inner.clone(), helper_sender.clone());
             threads.push(
                 thread::Builder::new()
@@ -316,9 +322,11 @@ impl AioDriver {
                     .spawn(move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?,
             );
             let inner_s = inner.clone();
-            threads.push(thread::Builder::new().name("ioe-aio-submit".into()).spawn(move || {
-                worker_submit(ctx, inner_s, noti_receiver, free_receiver, helper_sender)
-            })?);
+            threads.push(
+                thread::Builder::new()
+                    .name("ioe-aio-submit".into())
+                    .spawn(move || worker_submit(ctx, inner_s, noti_receiver, free_receiver, helper_sender))?,
+            );
             Ok(())
         })();
         if let Err(e) = spawned {
@@ -423,7 +431,8 @@ fn worker_submit<C: IOCallbackCustom>(
                 free.extend(free_receiver.try_iter());
             }
             let quota = free.len();
-            let mut filler = AioFiller { ctx: &ctx, inner: &inner, free: &mut free, batch: &mut batch, helper: &helper };
+            let mut filler =
+                AioFiller { ctx: &ctx, inner: &inner, free: &mut free, batch: &mut batch, helper: &helper };
             poll_request_from_queues(&ctx, quota, &mut filler);
             submit_batch(&inner, &mut batch, &helper);
         }

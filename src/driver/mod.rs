@@ -61,7 +61,10 @@ impl FromStr for Backend {
             "auto" => Ok(Backend::Auto),
             "uring" | "io_uring" | "io-uring" => Ok(Backend::Uring),
             "aio" | "libaio" => Ok(Backend::Aio),
-            _ => Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unknown backend {s:?} (expected auto, uring or aio)"))),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown backend {s:?} (expected auto, uring or aio)"),
+            )),
         }
     }
 }
@@ -71,9 +74,7 @@ impl FromStr for Backend {
 /// rather than being ignored.
 pub(crate) fn resolve_backend(requested: Backend) -> io::Result<Backend> {
     match std::env::var(BACKEND_ENV) {
-        Ok(value) if !value.trim().is_empty() => value
-            .parse()
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL)),
+        Ok(value) if !value.trim().is_empty() => value.parse().map_err(|_| io::Error::from_raw_os_error(libc::EINVAL)),
         _ => Ok(requested),
     }
 }

@@ -118,9 +118,9 @@ impl UringDriver {
             .name("ioe-uring-poll".into())
             .spawn(move || worker_poll(ctx_poll, inner_poll, free_sender, retry_sender))?;
         let inner_submit = inner.clone();
-        let submitter = thread::Builder::new().name("ioe-uring-submit".into()).spawn(move || {
-            worker_submit(ctx, inner_submit, sqpoll, noti_receiver, free_receiver, retry_receiver)
-        });
+        let submitter = thread::Builder::new()
+            .name("ioe-uring-submit".into())
+            .spawn(move || worker_submit(ctx, inner_submit, sqpoll, noti_receiver, free_receiver, retry_receiver));
         match submitter {
             Ok(submitter) => Ok(vec![submitter, poller]),
             Err(e) => {
