@@ -93,9 +93,12 @@ pub(crate) struct Counters {
 pub struct IoSharedContext<C: IOCallbackCustom> {
     pub depth: usize,
 
-    /// False once the last `IOContext` handle is gone: the submitter drains
-    /// the queues and shuts the driver down.
+    /// False once shutdown starts (explicitly or with the last handle): new
+    /// submissions are refused, the submitter drains the queues and stops.
     pub running: AtomicBool,
+    /// Submissions between their `running` check and their enqueue; the
+    /// submitter only stops when this is zero, so none can slip past shutdown.
+    pub(crate) active_submits: AtomicUsize,
     /// Events waiting in the three queues.
     pub total_count: AtomicUsize,
     /// Driver slots not carrying an I/O; `depth - free` are in flight.
@@ -125,6 +128,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
         let shared = Arc::new(IoSharedContext {
             depth,
             running: AtomicBool::new(true),
+            active_submits: AtomicUsize::new(0),
             total_count: AtomicUsize::new(0),
             free_slots_count: AtomicUsize::new(depth),
             prio_queue: SegQueue::new(),
@@ -187,9 +191,27 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
         self.cb_workers.dispatch(event, &self.tracker);
     }
 
-    /// Whether the submitter may stop: no handle left and nothing queued.
+    /// Whether the submitter may stop: shut down, no submission in progress
+    /// and nothing queued. SeqCst pairs with `IOContext::enqueue_gated`.
     pub(crate) fn drained(&self) -> bool {
-        !self.running.load(Ordering::SeqCst) && self.total_count.load(Ordering::SeqCst) == 0
+        !self.running.load(Ordering::SeqCst)
+            && self.active_submits.load(Ordering::SeqCst) == 0
+            && self.total_count.load(Ordering::SeqCst) == 0
+    }
+
+    /// Hands a refused event its error on the calling thread (used for events
+    /// a merge submitter had already accepted when the context shut down).
+    pub(crate) fn fail_unsubmitted(&self, mut event: Box<IOEvent<C>>, errno: i32) {
+        event.fail(errno);
+        let mut subs = event.split_merged();
+        if subs.is_empty() {
+            event.run_callback();
+        } else {
+            drop(event);
+            while let Some(sub) = subs.pop_front() {
+                sub.run_callback();
+            }
+        }
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -247,7 +269,55 @@ impl<C: IOCallbackCustom> IOContext<C> {
         if let Err(errno) = event.validate() {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }
-        self.inner.enqueue(event, channel);
+        self.enqueue_gated(event, channel)
+            .map_err(|event| SubmitError { error: io::Error::from_raw_os_error(libc::ESHUTDOWN), event })
+    }
+
+    /// Enqueues unless shutdown has started (then hands the event back).
+    pub(crate) fn enqueue_gated(&self, event: Box<IOEvent<C>>, channel: IOChannel) -> Result<(), Box<IOEvent<C>>> {
+        let inner = &*self.inner;
+        // Announce the submission before checking `running`: shutdown stores
+        // `running` first and the submitter checks `active_submits` after, so
+        // (all SeqCst) either we see the shutdown or the submitter sees us.
+        inner.active_submits.fetch_add(1, Ordering::SeqCst);
+        let outcome = if inner.running.load(Ordering::SeqCst) {
+            inner.enqueue(event, channel);
+            Ok(())
+        } else {
+            Err(event)
+        };
+        inner.active_submits.fetch_sub(1, Ordering::SeqCst);
+        if !inner.running.load(Ordering::SeqCst) {
+            // A draining submitter may be waiting for this submission to end.
+            let _ = self.noti_sender.try_send(());
+        }
+        outcome
+    }
+
+    /// Whether shutdown has started.
+    pub fn is_shut_down(&self) -> bool {
+        !self.inner.running.load(Ordering::SeqCst)
+    }
+
+    /// Drains and stops the context: new submissions are refused with
+    /// `ESHUTDOWN`, every queued and in-flight event completes and its
+    /// callback returns, the driver threads are joined and the ring / AIO
+    /// context is closed. Idempotent; concurrent callers all wait.
+    ///
+    /// Inside a completion callback it cannot wait (the drain may need the
+    /// calling thread): there it starts the drain and returns `EDEADLK`.
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.inner.running.store(false, Ordering::SeqCst);
+        let _ = self.noti_sender.try_send(());
+        if in_callback() {
+            return Err(io::Error::from_raw_os_error(libc::EDEADLK));
+        }
+        let mut threads = self.threads.lock();
+        for handle in threads.drain(..) {
+            let _ = handle.join();
+        }
+        drop(threads);
+        self.inner.tracker.wait_idle();
         Ok(())
     }
 
@@ -288,22 +358,9 @@ impl<C: IOCallbackCustom> IOContext<C> {
 }
 
 impl<C: IOCallbackCustom> Drop for IOContext<C> {
-    /// Drains: every queued and in-flight event completes and its callback
-    /// returns, the driver threads are joined and the ring / AIO context is
-    /// closed before this returns.
-    ///
-    /// From inside a completion callback it cannot wait (the drain may need
-    /// the calling thread); there it only starts the same drain, which then
+    /// Drains, as [`IOContext::shutdown`]; from inside a callback the drain
     /// finishes in the background.
     fn drop(&mut self) {
-        self.inner.running.store(false, Ordering::SeqCst);
-        let _ = self.noti_sender.try_send(());
-        if in_callback() {
-            return;
-        }
-        for handle in self.threads.get_mut().drain(..) {
-            let _ = handle.join();
-        }
-        self.inner.tracker.wait_idle();
+        let _ = self.shutdown();
     }
 }

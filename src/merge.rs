@@ -64,6 +64,9 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
         if let Err(errno) = event.validate().and(if wrong_target { Err(libc::EINVAL) } else { Ok(()) }) {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }
+        if self.ctx.is_shut_down() {
+            return Err(SubmitError { error: io::Error::from_raw_os_error(libc::ESHUTDOWN), event });
+        }
         let len = event.len();
         let continues = !self.held.is_empty()
             && event.offset() == self.end
@@ -82,23 +85,24 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
         Ok(())
     }
 
-    /// Submits what is held (as one I/O, or as the single event it is).
+    /// Submits what is held (as one I/O, or as the single event it is). If
+    /// the context has shut down meanwhile, the held events' callbacks run
+    /// right here with `-ESHUTDOWN`: an accepted event always gets one.
     pub fn flush(&mut self) {
-        let held = std::mem::take(&mut self.held);
-        let shared = self.ctx.shared();
-        match held.len() {
-            0 => {}
-            1 => {
-                let mut held = held;
-                if let Some(event) = held.pop_front() {
-                    shared.enqueue(event, self.channel);
-                }
-            }
+        let mut held = std::mem::take(&mut self.held);
+        let event = match held.len() {
+            0 => return,
+            1 => match held.pop_front() {
+                Some(event) => event,
+                None => return,
+            },
             n => {
-                shared.counters.merged.fetch_add(n as u64, Ordering::Relaxed);
-                let merged = IOEvent::merged(self.fd, self.action, self.start, held);
-                shared.enqueue(merged, self.channel);
+                self.ctx.shared().counters.merged.fetch_add(n as u64, Ordering::Relaxed);
+                IOEvent::merged(self.fd, self.action, self.start, held)
             }
+        };
+        if let Err(event) = self.ctx.enqueue_gated(event, self.channel) {
+            self.ctx.shared().fail_unsubmitted(event, libc::ESHUTDOWN);
         }
     }
 

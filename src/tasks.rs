@@ -493,6 +493,13 @@ impl<C: IOCallbackCustom> IOEvent<C> {
         }
     }
 
+    /// Completes the event (and each merged sub-event) with `-errno` without
+    /// any I/O having been issued.
+    pub(crate) fn fail(&mut self, errno: i32) {
+        self.res = -(errno as i64);
+        self.last_error = self.res;
+    }
+
     /// For a merged event, completed: splits its result among the original
     /// events in offset order and returns them, each with its own result.
     /// Bytes transferred cover a prefix of the sub-events; a sub-event after
