@@ -33,3 +33,4 @@ pub use context::{ContextOptions, IOContext, IoSharedContext, IoStats, SubmitErr
 pub use driver::{uring_supported, Backend, BACKEND_ENV};
 pub use merge::{MergeSubmitter, MAX_MERGE_EVENTS};
 pub use tasks::{Buffer, ClosureCb, IOAction, IOCallbackCustom, IOChannel, IOEvent, DIRECT_IO_ALIGN};
+pub mod ffi;

@@ -111,6 +111,14 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
         self.held.len()
     }
 
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    pub fn action(&self) -> IOAction {
+        self.action
+    }
+
     pub fn context(&self) -> &Arc<IOContext<C>> {
         &self.ctx
     }

@@ -1,0 +1,243 @@
+//! Submission: single requests, batches and the per-operation shorthands.
+
+// The shorthands mirror the request fields one by one, as C APIs do.
+#![allow(clippy::too_many_arguments)]
+
+use std::ffi::{c_int, c_void};
+
+use super::context::{context_ref, ioe_context};
+use super::{guard, ioe_callback, FfiCallback};
+use crate::tasks::{Buffer, IOAction, IOChannel, IOEvent};
+
+/// Read `len` bytes at `offset` into `buf`.
+pub const IOE_OP_READ: u32 = 0;
+/// Write `len` bytes from `buf` at `offset`.
+pub const IOE_OP_WRITE: u32 = 1;
+/// fsync(2) the file (`buf`, `len`, `offset` ignored).
+pub const IOE_OP_FSYNC: u32 = 2;
+/// fdatasync(2) the file (`buf`, `len`, `offset` ignored).
+pub const IOE_OP_FDATASYNC: u32 = 3;
+/// fallocate(2) over `[offset, offset + len)` with `fallocate_mode`;
+/// `buf` must be NULL.
+pub const IOE_OP_FALLOCATE: u32 = 4;
+
+/// Served first, without a budget (strict priority).
+pub const IOE_CHANNEL_PRIO: u32 = 0;
+/// Reads: share each scheduling round fairly with writes.
+pub const IOE_CHANNEL_READ: u32 = 1;
+/// Writes: share each scheduling round fairly with reads.
+pub const IOE_CHANNEL_WRITE: u32 = 2;
+
+/// One request. `buf` is borrowed: it must stay valid, and untouched by the
+/// caller, until the request's callback runs.
+#[repr(C)]
+pub struct ioe_request {
+    /// IOE_OP_*.
+    pub op: u32,
+    /// IOE_CHANNEL_*.
+    pub channel: u32,
+    /// File descriptor. An invalid one completes with -EBADF.
+    pub fd: c_int,
+    /// fallocate(2) mode bits, for IOE_OP_FALLOCATE.
+    pub fallocate_mode: c_int,
+    /// Data buffer (read/write). O_DIRECT needs the device's alignment.
+    pub buf: *mut c_void,
+    /// Bytes to read/write (> 0), or the fallocate length (> 0).
+    pub len: u64,
+    /// File offset, at most INT64_MAX together with len.
+    pub offset: u64,
+    /// Called exactly once with the result; must not be NULL.
+    pub callback: ioe_callback,
+    /// Passed to the callback unchanged.
+    pub user_data: *mut c_void,
+}
+
+pub(crate) fn channel_from_c(channel: u32) -> Result<IOChannel, c_int> {
+    match channel {
+        IOE_CHANNEL_PRIO => Ok(IOChannel::Prio),
+        IOE_CHANNEL_READ => Ok(IOChannel::Read),
+        IOE_CHANNEL_WRITE => Ok(IOChannel::Write),
+        _ => Err(-libc::EINVAL),
+    }
+}
+
+/// Builds the event for a read or write of caller memory.
+pub(crate) fn rw_event(
+    fd: c_int,
+    action: IOAction,
+    buf: *mut c_void,
+    len: u64,
+    offset: u64,
+    cb: FfiCallback,
+) -> Result<Box<IOEvent<FfiCallback>>, c_int> {
+    if buf.is_null() || len == 0 || len > isize::MAX as u64 {
+        return Err(-libc::EINVAL);
+    }
+    // SAFETY: non-null; the header makes the caller keep `len` bytes at `buf`
+    // valid and untouched until the callback runs.
+    let buffer = unsafe { Buffer::from_raw_parts(buf as *mut u8, len as usize) }.map_err(|_| -libc::EINVAL)?;
+    let mut event = IOEvent::new(fd, buffer, action, offset);
+    event.set_callback(cb);
+    Ok(event)
+}
+
+fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, IOChannel), c_int> {
+    let channel = channel_from_c(req.channel)?;
+    let cb = FfiCallback::new(req.callback, req.user_data)?;
+    let event = match req.op {
+        IOE_OP_READ => rw_event(req.fd, IOAction::Read, req.buf, req.len, req.offset, cb)?,
+        IOE_OP_WRITE => rw_event(req.fd, IOAction::Write, req.buf, req.len, req.offset, cb)?,
+        IOE_OP_FSYNC | IOE_OP_FDATASYNC => {
+            let mut event = if req.op == IOE_OP_FSYNC { IOEvent::fsync(req.fd) } else { IOEvent::fdatasync(req.fd) };
+            event.set_callback(cb);
+            event
+        }
+        IOE_OP_FALLOCATE => {
+            if !req.buf.is_null() {
+                return Err(-libc::EINVAL);
+            }
+            let mut event = IOEvent::fallocate(req.fd, req.fallocate_mode, req.offset, req.len);
+            event.set_callback(cb);
+            event
+        }
+        _ => return Err(-libc::EINVAL),
+    };
+    Ok((event, channel))
+}
+
+/// Validates and queues one request on a live context.
+fn submit_one(ctx: &ioe_context, req: &ioe_request) -> c_int {
+    match event_from_request(req) {
+        Ok((event, channel)) => match ctx.ctx.submit(event, channel) {
+            Ok(()) => 0,
+            // The refused event is dropped without calling back.
+            Err(refused) => super::neg(&refused.error),
+        },
+        Err(e) => e,
+    }
+}
+
+/// Queues one request. Never blocks. Returns 0 (the callback will run
+/// exactly once) or, with no callback ever, -EINVAL (NULL `ctx`/`req`,
+/// unknown op or channel, NULL callback, NULL or zero-length buffer for a
+/// read/write, non-NULL buffer or zero length for fallocate, range beyond
+/// INT64_MAX) or -ESHUTDOWN (the context is being destroyed).
+/// Any thread may call it at any time, also from callbacks.
+#[no_mangle]
+pub extern "C" fn ioe_submit(ctx: *mut ioe_context, req: *const ioe_request) -> c_int {
+    guard(|| {
+        let Some(ctx) = context_ref(ctx) else { return -libc::EINVAL };
+        // SAFETY: a non-null request points to an initialised ioe_request
+        // (caller's contract); it is only read.
+        let Some(req) = (unsafe { req.as_ref() }) else { return -libc::EINVAL };
+        submit_one(ctx, req)
+    })
+}
+
+/// Queues `count` requests in order, stopping at the first one refused.
+/// Returns how many were queued (their callbacks will run); if the first is
+/// refused, its negative errno instead (as ioe_submit). 0 for count 0.
+/// -EINVAL for NULL `ctx`, or NULL `reqs` with count > 0.
+#[no_mangle]
+pub extern "C" fn ioe_submit_batch(ctx: *mut ioe_context, reqs: *const ioe_request, count: usize) -> i64 {
+    super::guard64(|| {
+        let Some(ctx) = context_ref(ctx) else { return -(libc::EINVAL as i64) };
+        if count == 0 {
+            return 0;
+        }
+        if reqs.is_null() || count > isize::MAX as usize / std::mem::size_of::<ioe_request>() {
+            return -(libc::EINVAL as i64);
+        }
+        // SAFETY: non-null; the caller promises `count` initialised requests.
+        let reqs = unsafe { std::slice::from_raw_parts(reqs, count) };
+        for (i, req) in reqs.iter().enumerate() {
+            let rc = submit_one(ctx, req);
+            if rc < 0 {
+                return if i == 0 { rc as i64 } else { i as i64 };
+            }
+        }
+        count as i64
+    })
+}
+
+fn sync_request(ctx: *mut ioe_context, op: u32, fd: c_int, channel: u32, cb: ioe_callback, ud: *mut c_void) -> c_int {
+    let buf = std::ptr::null_mut();
+    let req = ioe_request { op, channel, fd, fallocate_mode: 0, buf, len: 0, offset: 0, callback: cb, user_data: ud };
+    ioe_submit(ctx, &req)
+}
+
+/// Shorthand for ioe_submit with IOE_OP_READ; same returns.
+#[no_mangle]
+pub extern "C" fn ioe_read(
+    ctx: *mut ioe_context,
+    fd: c_int,
+    buf: *mut c_void,
+    len: u64,
+    offset: u64,
+    channel: u32,
+    callback: ioe_callback,
+    user_data: *mut c_void,
+) -> c_int {
+    let req = ioe_request { op: IOE_OP_READ, channel, fd, fallocate_mode: 0, buf, len, offset, callback, user_data };
+    ioe_submit(ctx, &req)
+}
+
+/// Shorthand for ioe_submit with IOE_OP_WRITE; same returns. `buf` is only
+/// read, but must stay valid until the callback runs.
+#[no_mangle]
+pub extern "C" fn ioe_write(
+    ctx: *mut ioe_context,
+    fd: c_int,
+    buf: *const c_void,
+    len: u64,
+    offset: u64,
+    channel: u32,
+    callback: ioe_callback,
+    user_data: *mut c_void,
+) -> c_int {
+    let buf = buf as *mut c_void;
+    let req = ioe_request { op: IOE_OP_WRITE, channel, fd, fallocate_mode: 0, buf, len, offset, callback, user_data };
+    ioe_submit(ctx, &req)
+}
+
+/// Shorthand for ioe_submit with IOE_OP_FSYNC; same returns.
+#[no_mangle]
+pub extern "C" fn ioe_fsync(
+    ctx: *mut ioe_context,
+    fd: c_int,
+    channel: u32,
+    callback: ioe_callback,
+    user_data: *mut c_void,
+) -> c_int {
+    sync_request(ctx, IOE_OP_FSYNC, fd, channel, callback, user_data)
+}
+
+/// Shorthand for ioe_submit with IOE_OP_FDATASYNC; same returns.
+#[no_mangle]
+pub extern "C" fn ioe_fdatasync(
+    ctx: *mut ioe_context,
+    fd: c_int,
+    channel: u32,
+    callback: ioe_callback,
+    user_data: *mut c_void,
+) -> c_int {
+    sync_request(ctx, IOE_OP_FDATASYNC, fd, channel, callback, user_data)
+}
+
+/// Shorthand for ioe_submit with IOE_OP_FALLOCATE; same returns.
+#[no_mangle]
+pub extern "C" fn ioe_fallocate(
+    ctx: *mut ioe_context,
+    fd: c_int,
+    mode: c_int,
+    offset: u64,
+    len: u64,
+    channel: u32,
+    callback: ioe_callback,
+    user_data: *mut c_void,
+) -> c_int {
+    let buf = std::ptr::null_mut();
+    let req =
+        ioe_request { op: IOE_OP_FALLOCATE, channel, fd, fallocate_mode: mode, buf, len, offset, callback, user_data };
+    ioe_submit(ctx, &req)
+}
