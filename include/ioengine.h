@@ -14,9 +14,10 @@
  *   - A request accepted by a submission function (return value >= 0) gets
  *     exactly one callback; a refused one (negative return) gets none.
  *   - Callbacks run on the threads of the context's ioe_workers pool or, if
- *     the context has none, on its poller thread, where they must not block.
- *     From a callback you may call every function except
- *     ioe_context_destroy (it returns -EDEADLK there).
+ *     the context has none, on its poller thread, where they must not block
+ *     (nor throw). From a callback you may call every function except
+ *     ioe_context_destroy (it returns -EDEADLK there); requests a callback
+ *     submits are accepted even while its context drains.
  *   - Buffers passed to the engine stay owned by the caller and must remain
  *     valid and untouched until their request's callback runs.
  */
@@ -308,15 +309,18 @@ int ioe_context_options_init(struct ioe_context_options *opts);
 int ioe_context_create(const struct ioe_context_options *opts, struct ioe_context **out);
 
 /**
- * Drains and destroys a context: new submissions are refused (-ESHUTDOWN),
- * every accepted request completes and its callback returns, the threads
- * are joined and the ring / AIO context is closed; then the handle is freed.
- * Mergers still open on the context keep working memory alive but their
- * requests fail with -ESHUTDOWN.
+ * Drains and destroys a context: submissions from other threads are
+ * refused (-ESHUTDOWN) while callbacks of this context may still submit
+ * follow-up requests (a read whose callback writes completes both); every
+ * accepted request completes and its callback returns, the threads are
+ * joined and the ring / AIO context is closed; then the handle is freed.
+ * Mergers still open on the context stay valid, but their requests fail
+ * with -ESHUTDOWN.
  *
  * Returns 0; -EINVAL (NULL); -EDEADLK when called from a callback (the
  * drain could wait on the calling thread), in which case nothing happens.
- * No other thread may use the handle once this is called.
+ * No other thread may use the handle once this is called; callbacks of
+ * the draining context may, until destroy returns.
  */
 int ioe_context_destroy(struct ioe_context *ctx);
 

@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
-# Runs every test: the Rust unit and integration tests on both backends and
-# the source checks. Installs what it needs on a fresh machine.
+# Runs every test: source checks, the Rust unit and integration tests (both
+# backends, debug and release), then the C suite with ctest (C tests, header
+# checks, exported symbols, install + pkg-config/CMake consumers, examples).
+# Installs what it needs (cmake, pkg-config) on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+need=()
+command -v cmake >/dev/null || need+=(cmake)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v cc >/dev/null || need+=(gcc)
+command -v c++ >/dev/null || need+=(g++)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# Tests force their backend; an operator override would defeat that.
+unset IOENGINE_BACKEND
 
 echo "== source checks"
 python3 scripts/check-safety-comments.py
@@ -13,3 +30,9 @@ cargo test --all-targets
 
 echo "== cargo test (release)"
 cargo test --release --all-targets
+
+echo "== ctest (C API, header, symbols, install, examples)"
+build_dir=${IOENGINE_BUILD_DIR:-build}
+cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build "$build_dir" -j "$(nproc)"
+(cd "$build_dir" && ctest --output-on-failure -j "$(nproc)")

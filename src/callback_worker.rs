@@ -15,34 +15,44 @@ use parking_lot::{Condvar, Mutex};
 use crate::tasks::{IOCallbackCustom, IOEvent};
 
 thread_local! {
-    /// True while this thread runs a completion callback. Dropping the last
-    /// handle of a context there must not wait for that context to drain:
-    /// the drain may need this very thread.
-    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+    /// While this thread runs a completion callback: the address of the
+    /// tracker of the context it belongs to (0 otherwise). A drain must not
+    /// wait on such a thread, and a draining context still accepts the
+    /// follow-up I/O its own callbacks submit.
+    static IN_CALLBACK: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Whether the current thread is inside an ioengine completion callback.
 pub fn in_callback() -> bool {
-    IN_CALLBACK.with(|flag| flag.get())
+    IN_CALLBACK.with(|cur| cur.get()) != 0
+}
+
+/// Whether the current thread runs a callback of the context owning `tracker`.
+pub(crate) fn in_callback_of(tracker: &CompletionTracker) -> bool {
+    IN_CALLBACK.with(|cur| cur.get()) == tracker as *const CompletionTracker as usize
 }
 
 /// Counts the callbacks of one context that have been promised (events
-/// accepted) but have not returned yet, so the context's drop can wait for
-/// all of them.
+/// accepted) but have not returned yet. A draining context's submitter stops
+/// only at zero (so callbacks may still submit follow-up I/O), and
+/// `shutdown` waits for zero.
 pub(crate) struct CompletionTracker {
     outstanding: AtomicUsize,
     draining: AtomicBool,
     lock: Mutex<()>,
     idle: Condvar,
+    /// Wakes the context's submitter when the count reaches zero in a drain.
+    wake_submitter: Sender<()>,
 }
 
 impl CompletionTracker {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(wake_submitter: Sender<()>) -> Self {
         CompletionTracker {
             outstanding: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             lock: Mutex::new(()),
             idle: Condvar::new(),
+            wake_submitter,
         }
     }
 
@@ -50,18 +60,28 @@ impl CompletionTracker {
         self.outstanding.fetch_add(callbacks, Ordering::SeqCst);
     }
 
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
     fn done_one(&self) {
-        // SeqCst pairs with wait_idle: either the waiter sees zero, or this
-        // thread sees `draining` and wakes it under the lock.
+        // SeqCst pairs with begin_drain/wait_idle and the submitter's check:
+        // either they see zero, or this thread sees `draining` and wakes them.
         if self.outstanding.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
+            let _ = self.wake_submitter.try_send(());
             let _guard = self.lock.lock();
             self.idle.notify_all();
         }
     }
 
+    /// Marks the start of a drain; must precede the `running = false` store.
+    pub(crate) fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
     /// Blocks until every promised callback has returned.
     pub(crate) fn wait_idle(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.begin_drain();
         let mut guard = self.lock.lock();
         while self.outstanding.load(Ordering::SeqCst) > 0 {
             self.idle.wait(&mut guard);
@@ -90,12 +110,13 @@ impl<C: IOCallbackCustom> Clone for IOWorkers<C> {
 
 /// Runs one callback with the in-callback marker set; a panicking Rust
 /// callback is reported and contained so the engine keeps its count.
-fn run_guarded<C: IOCallbackCustom>(event: Box<IOEvent<C>>) {
-    IN_CALLBACK.with(|flag| flag.set(true));
+fn run_guarded<C: IOCallbackCustom>(event: Box<IOEvent<C>>, tracker: &CompletionTracker) {
+    IN_CALLBACK.with(|cur| cur.set(tracker as *const CompletionTracker as usize));
     if panic::catch_unwind(AssertUnwindSafe(|| event.run_callback())).is_err() {
         eprintln!("ioengine: an I/O completion callback panicked; the panic was contained");
     }
-    IN_CALLBACK.with(|flag| flag.set(false));
+    IN_CALLBACK.with(|cur| cur.set(0));
+    tracker.done_one();
 }
 
 impl<C: IOCallbackCustom> IOWorkers<C> {
@@ -112,8 +133,7 @@ impl<C: IOCallbackCustom> IOWorkers<C> {
             let rx = receiver.clone();
             let handle = thread::Builder::new().name(format!("ioe-cb-{i}")).spawn(move || {
                 for (event, tracker) in rx.iter() {
-                    run_guarded(event);
-                    tracker.done_one();
+                    run_guarded(event, &tracker);
                 }
             });
             match handle {
@@ -144,15 +164,13 @@ impl<C: IOCallbackCustom> IOWorkers<C> {
     pub(crate) fn dispatch(&self, event: Box<IOEvent<C>>, tracker: &Arc<CompletionTracker>) {
         match &self.0.sender {
             None => {
-                run_guarded(event);
-                tracker.done_one();
+                run_guarded(event, tracker);
             }
             Some(sender) => {
                 if let Err(channel::SendError((event, _))) = sender.send((event, tracker.clone())) {
                     // Unreachable while this clone exists (threads only stop when
                     // every sender is gone); run inline rather than lose it.
-                    run_guarded(event);
-                    tracker.done_one();
+                    run_guarded(event, &tracker);
                 }
             }
         }

@@ -12,7 +12,7 @@ use crossbeam::channel::{self, Receiver, Sender};
 use crossbeam::queue::SegQueue;
 use parking_lot::Mutex;
 
-use crate::callback_worker::{in_callback, CompletionTracker, IOWorkers};
+use crate::callback_worker::{in_callback, in_callback_of, CompletionTracker, IOWorkers};
 use crate::driver::{self, Backend};
 use crate::tasks::{IOCallbackCustom, IOChannel, IOEvent};
 
@@ -125,6 +125,7 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
 impl<C: IOCallbackCustom> IoSharedContext<C> {
     fn new(depth: usize, cb_workers: IOWorkers<C>) -> (Arc<Self>, Receiver<()>) {
         let (noti_sender, noti_receiver) = channel::bounded(1);
+        let tracker = Arc::new(CompletionTracker::new(noti_sender.clone()));
         let shared = Arc::new(IoSharedContext {
             depth,
             running: AtomicBool::new(true),
@@ -141,7 +142,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
             noti_sender,
             reads_first: AtomicBool::new(true),
             counters: Counters::default(),
-            tracker: Arc::new(CompletionTracker::new()),
+            tracker,
         });
         (shared, noti_receiver)
     }
@@ -191,12 +192,15 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
         self.cb_workers.dispatch(event, &self.tracker);
     }
 
-    /// Whether the submitter may stop: shut down, no submission in progress
-    /// and nothing queued. SeqCst pairs with `IOContext::enqueue_gated`.
+    /// Whether the submitter may stop: shut down, no submission in progress,
+    /// nothing queued and every callback returned (a running callback may
+    /// still submit follow-up I/O). SeqCst pairs with
+    /// `IOContext::enqueue_gated` and `CompletionTracker::done_one`.
     pub(crate) fn drained(&self) -> bool {
         !self.running.load(Ordering::SeqCst)
             && self.active_submits.load(Ordering::SeqCst) == 0
             && self.total_count.load(Ordering::SeqCst) == 0
+            && self.tracker.outstanding() == 0
     }
 
     /// Hands a refused event its error on the calling thread (used for events
@@ -280,7 +284,10 @@ impl<C: IOCallbackCustom> IOContext<C> {
         // `running` first and the submitter checks `active_submits` after, so
         // (all SeqCst) either we see the shutdown or the submitter sees us.
         inner.active_submits.fetch_add(1, Ordering::SeqCst);
-        let outcome = if inner.running.load(Ordering::SeqCst) {
+        // While draining, the context's own callbacks may still submit: the
+        // callback running on this thread keeps the drain from finishing.
+        let open = inner.running.load(Ordering::SeqCst) || in_callback_of(&inner.tracker);
+        let outcome = if open {
             inner.enqueue(event, channel);
             Ok(())
         } else {
@@ -299,14 +306,22 @@ impl<C: IOCallbackCustom> IOContext<C> {
         !self.inner.running.load(Ordering::SeqCst)
     }
 
-    /// Drains and stops the context: new submissions are refused with
-    /// `ESHUTDOWN`, every queued and in-flight event completes and its
-    /// callback returns, the driver threads are joined and the ring / AIO
-    /// context is closed. Idempotent; concurrent callers all wait.
+    /// Whether a submission from the current thread would be accepted.
+    pub(crate) fn accepts_submissions(&self) -> bool {
+        self.inner.running.load(Ordering::SeqCst) || in_callback_of(&self.inner.tracker)
+    }
+
+    /// Drains and stops the context: submissions are refused with `ESHUTDOWN`
+    /// except from the context's own callbacks (so read-then-write chains
+    /// finish), every queued and in-flight event completes and its callback
+    /// returns, the driver threads are joined and the ring / AIO context is
+    /// closed. Idempotent; concurrent callers all wait. A chain of callbacks
+    /// that never stops submitting keeps the drain going.
     ///
     /// Inside a completion callback it cannot wait (the drain may need the
     /// calling thread): there it starts the drain and returns `EDEADLK`.
     pub fn shutdown(&self) -> io::Result<()> {
+        self.inner.tracker.begin_drain();
         self.inner.running.store(false, Ordering::SeqCst);
         let _ = self.noti_sender.try_send(());
         if in_callback() {

@@ -64,7 +64,7 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
         if let Err(errno) = event.validate().and(if wrong_target { Err(libc::EINVAL) } else { Ok(()) }) {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }
-        if self.ctx.is_shut_down() {
+        if !self.ctx.accepts_submissions() {
             return Err(SubmitError { error: io::Error::from_raw_os_error(libc::ESHUTDOWN), event });
         }
         let len = event.len();

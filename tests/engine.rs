@@ -607,3 +607,36 @@ fn merge_submitter_after_shutdown_fails_held_events_with_eshutdown() {
         assert!(col.drain_ready().is_empty());
     }
 }
+
+#[test]
+fn callbacks_submit_follow_ups_during_a_drain_and_they_complete() {
+    for backend in BACKENDS {
+        for workers in worker_modes() {
+            const CHAINS: usize = 200;
+            let file = Arc::new(TempFile::new("drain-chain", (CHAINS * 512) as u64, false));
+            let ctx = context(backend, 8, &workers);
+            let col = Collector::new();
+            for i in 0..CHAINS {
+                // A read whose callback writes the block it read elsewhere.
+                let mut ev = IOEvent::new(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, (i * 512) as u64);
+                let (ctx_cb, col_cb, file_cb) = (ctx.clone(), col.clone(), file.clone());
+                ev.set_callback(ClosureCb::new(move |mut ev| {
+                    assert_eq!(ev.result(), Some(512));
+                    let buf = ev.take_buffer().unwrap();
+                    let write = col_cb.event(file_cb.fd(), buf, IOAction::Write, ev.offset(), ev.offset());
+                    ctx_cb.submit(write, IOChannel::Write).expect("a callback's follow-up is accepted while draining");
+                }));
+                ctx.submit(ev, IOChannel::Read).unwrap();
+            }
+            ctx.shutdown().unwrap();
+            // Every follow-up write completed before shutdown returned.
+            let writes = col.drain_ready();
+            assert_eq!(writes.len(), CHAINS, "{backend}");
+            assert!(writes.iter().all(|d| d.result == 512));
+            assert_eq!(ctx.stats().completed, 2 * CHAINS as u64);
+            // From outside a callback, the context now refuses.
+            let late = col.event(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, 0, 0);
+            assert_eq!(ctx.submit(late, IOChannel::Read).unwrap_err().error.raw_os_error(), Some(libc::ESHUTDOWN));
+        }
+    }
+}

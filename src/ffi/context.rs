@@ -194,15 +194,18 @@ pub(crate) fn context_ref<'a>(ctx: *const ioe_context) -> Option<&'a ioe_context
     unsafe { ctx.as_ref() }
 }
 
-/// Drains and destroys a context: new submissions are refused (-ESHUTDOWN),
-/// every accepted request completes and its callback returns, the threads
-/// are joined and the ring / AIO context is closed; then the handle is freed.
-/// Mergers still open on the context keep working memory alive but their
-/// requests fail with -ESHUTDOWN.
+/// Drains and destroys a context: submissions from other threads are
+/// refused (-ESHUTDOWN) while callbacks of this context may still submit
+/// follow-up requests (a read whose callback writes completes both); every
+/// accepted request completes and its callback returns, the threads are
+/// joined and the ring / AIO context is closed; then the handle is freed.
+/// Mergers still open on the context stay valid, but their requests fail
+/// with -ESHUTDOWN.
 ///
 /// Returns 0; -EINVAL (NULL); -EDEADLK when called from a callback (the
 /// drain could wait on the calling thread), in which case nothing happens.
-/// No other thread may use the handle once this is called.
+/// No other thread may use the handle once this is called; callbacks of
+/// the draining context may, until destroy returns.
 #[no_mangle]
 pub extern "C" fn ioe_context_destroy(ctx: *mut ioe_context) -> c_int {
     guard(|| {

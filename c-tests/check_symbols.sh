@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The shared library exports exactly the functions the header declares, all
+# with the ioe_ prefix, and carries the soname libioengine.so.<major>.
+set -euo pipefail
+so=$1
+header=$2
+
+exported=$(nm -D --defined-only "$so" | awk '{print $3}' | sed 's/@.*//' | sort -u)
+foreign=$(grep -v '^ioe_' <<<"$exported" || true)
+if [ -n "$foreign" ]; then
+  echo "symbols without the ioe_ prefix are exported:"; echo "$foreign"; exit 1
+fi
+
+declared=$(grep -oE '^[a-z][a-z0-9_ *]* \**(ioe_[a-z0-9_]+)\(' "$header" | grep -oE 'ioe_[a-z0-9_]+' | sort -u)
+if [ "$declared" != "$exported" ]; then
+  echo "header declarations and exported symbols differ:"
+  diff <(echo "$declared") <(echo "$exported") || true
+  exit 1
+fi
+
+soname=$(readelf -d "$so" | sed -n 's/.*Library soname: \[\(.*\)\].*/\1/p')
+major=$(grep -oE 'IOE_VERSION_MAJOR [0-9]+' "$header" | awk '{print $2}')
+if [ "$soname" != "libioengine.so.$major" ]; then
+  echo "soname is '$soname', expected libioengine.so.$major"; exit 1
+fi
+echo "symbols: $(wc -l <<<"$exported") ioe_* functions exported, all declared; soname $soname"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs the build into a temporary prefix, checks the installed layout,
+# then builds and runs a consumer with pkg-config (shared and static) and
+# with a CMake project using find_package(ioengine CONFIG).
+set -euo pipefail
+build=$1
+consumer_src=$2
+cc=${CC:-cc}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+prefix="$work/prefix"
+cmake --install "$build" --prefix "$prefix" >/dev/null
+
+libdir="$prefix/lib"
+[ -d "$libdir" ] || libdir=$(dirname "$(find "$prefix" -name 'libioengine.a' | head -n1)")
+real=$(basename "$(find "$libdir" -maxdepth 1 -name 'libioengine.so.*.*.*' | head -n1)")
+[ -n "$real" ] && [ -f "$libdir/$real" ] && [ ! -L "$libdir/$real" ] || { echo "no real shared library in $libdir"; exit 1; }
+[ "$(readlink "$libdir/libioengine.so.0")" = "$real" ] || { echo "libioengine.so.0 does not point to $real"; exit 1; }
+[ "$(readlink "$libdir/libioengine.so")" = "libioengine.so.0" ] || { echo "libioengine.so does not point to the soname"; exit 1; }
+for f in "$libdir/libioengine.a" "$prefix/include/ioengine.h" "$libdir/pkgconfig/ioengine.pc" \
+         "$libdir/cmake/ioengine/ioengineConfig.cmake" "$libdir/cmake/ioengine/ioengineConfigVersion.cmake"; do
+  [ -f "$f" ] || { echo "missing after install: $f"; exit 1; }
+done
+echo "installed layout ok: $real, soname link, dev link, static lib, header, pc file, CMake package"
+
+export PKG_CONFIG_PATH="$libdir/pkgconfig"
+echo "pkg-config: $(pkg-config --modversion ioengine): $(pkg-config --cflags --libs ioengine)"
+"$cc" -std=c11 -Wall -Wextra -Werror "$consumer_src/consumer.c" -o "$work/consumer_pc" \
+  $(pkg-config --cflags --libs ioengine) -Wl,-rpath,"$libdir"
+"$work/consumer_pc"
+# The program must load the installed library, not one from the build tree.
+ldd "$work/consumer_pc" | grep -q "$libdir/libioengine.so.0" || { echo "consumer did not resolve the installed library"; ldd "$work/consumer_pc"; exit 1; }
+
+"$cc" -std=c11 -Wall -Wextra -Werror "$consumer_src/consumer.c" -o "$work/consumer_static" \
+  $(pkg-config --cflags ioengine) "$libdir/libioengine.a" $(pkg-config --libs-only-l --static ioengine | sed 's/-lioengine//')
+if ldd "$work/consumer_static" | grep -q libioengine; then echo "static consumer links the shared library"; exit 1; fi
+"$work/consumer_static"
+
+cmake -S "$consumer_src" -B "$work/cmake-consumer" -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build "$work/cmake-consumer" >/dev/null
+"$work/cmake-consumer/consumer"
+"$work/cmake-consumer/consumer_static"
+echo "install: ok"

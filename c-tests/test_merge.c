@@ -1,0 +1,105 @@
+/* Mergers: contiguous requests become one I/O, each request still gets its
+ * own callback and its own bytes, also at end of file. */
+#include "test_util.h"
+
+#define BLOCK 4096
+#define N 64
+
+static void run(uint32_t backend, struct ioe_workers *workers) {
+    int fd = temp_file(0, 0);
+    struct ioe_context *ctx = open_context(backend, 8, workers);
+    struct waiter w;
+    waiter_init(&w);
+    struct slot *s = slots_new(2 * N + 8, &w);
+    uint8_t *data = malloc((size_t)N * BLOCK);
+    uint8_t *back = calloc(N, BLOCK);
+    CHECK(data && back);
+    for (int i = 0; i < N; i++) fill_pattern(data + (size_t)i * BLOCK, BLOCK, (uint64_t)i);
+
+    struct ioe_merger *m = (struct ioe_merger *)1;
+    CHECK_EQ(ioe_merger_create(NULL, fd, IOE_OP_WRITE, IOE_CHANNEL_WRITE, 1 << 17, &m), -EINVAL);
+    CHECK(m == NULL);
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_FSYNC, IOE_CHANNEL_WRITE, 1 << 17, &m), -EINVAL);
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_WRITE, 5, 1 << 17, &m), -EINVAL);
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_WRITE, IOE_CHANNEL_WRITE, 0, &m), -EINVAL);
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_WRITE, IOE_CHANNEL_WRITE, 1 << 17, NULL), -EINVAL);
+    CHECK_EQ(ioe_merger_add(NULL, data, BLOCK, 0, on_complete, &s[0]), -EINVAL);
+    CHECK_EQ(ioe_merger_flush(NULL), -EINVAL);
+    CHECK_EQ(ioe_merger_held(NULL), -EINVAL);
+    CHECK_EQ(ioe_merger_destroy(NULL), -EINVAL);
+
+    /* Writes: 64 x 4 KiB in runs of at most 128 KiB (32 requests each). */
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_WRITE, IOE_CHANNEL_WRITE, 1 << 17, &m), 0);
+    CHECK_EQ(ioe_merger_add(m, NULL, BLOCK, 0, on_complete, &s[0]), -EINVAL);
+    CHECK_EQ(ioe_merger_add(m, data, BLOCK, 0, NULL, &s[0]), -EINVAL);
+    for (int i = 0; i < N; i++) {
+        CHECK_EQ(ioe_merger_add(m, data + (size_t)i * BLOCK, BLOCK, (uint64_t)i * BLOCK, on_complete, &s[i]), 0);
+    }
+    CHECK_EQ(ioe_merger_held(m), 0); /* the second run filled up and left */
+    CHECK_EQ(ioe_merger_destroy(m), 0);
+    waiter_wait(&w, N);
+    for (int i = 0; i < N; i++) CHECK_EQ(s[i].result, BLOCK);
+    CHECK_EQ(pread(fd, back, (size_t)N * BLOCK, 0), N * BLOCK);
+    CHECK(memcmp(back, data, (size_t)N * BLOCK) == 0);
+
+    /* Reads of mixed sizes, then a gap (starts a new run), then past EOF. */
+    memset(back, 0, (size_t)N * BLOCK);
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_READ, IOE_CHANNEL_READ, 1 << 20, &m), 0);
+    const size_t sizes[5] = {100, 4096, 3000, 9000, 512};
+    size_t off = 0;
+    for (int i = 0; i < 5; i++) {
+        CHECK_EQ(ioe_merger_add(m, back + off, sizes[i], off, on_complete, &s[N + i]), 0);
+        off += sizes[i];
+    }
+    CHECK_EQ(ioe_merger_held(m), 5);
+    size_t tail = (size_t)N * BLOCK - 1000;
+    static uint8_t tail_buf[2000], beyond[4096];
+    CHECK_EQ(ioe_merger_add(m, tail_buf, sizeof tail_buf, tail, on_complete, &s[N + 5]), 0);
+    CHECK_EQ(ioe_merger_held(m), 1);
+    CHECK_EQ(ioe_merger_add(m, beyond, sizeof beyond, tail + sizeof tail_buf, on_complete, &s[N + 6]), 0);
+    CHECK_EQ(ioe_merger_flush(m), 0);
+    CHECK_EQ(ioe_merger_held(m), 0);
+    waiter_wait(&w, N + 7);
+    off = 0;
+    for (int i = 0; i < 5; i++) {
+        CHECK_EQ(s[N + i].result, sizes[i]);
+        CHECK(memcmp(back + off, data + off, sizes[i]) == 0);
+        off += sizes[i];
+    }
+    CHECK_EQ(s[N + 5].result, 1000);
+    CHECK(memcmp(tail_buf, data + tail, 1000) == 0);
+    CHECK_EQ(s[N + 6].result, 0);
+
+    struct ioe_stats stats;
+    ioe_context_stats(ctx, &stats);
+    CHECK_EQ(stats.merged, N + 7);
+    CHECK_EQ(stats.completed, N + 7);
+    slots_check_once(s, N + 7);
+
+    /* A merger outliving its context: held requests fail with -ESHUTDOWN. */
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_READ, IOE_CHANNEL_READ, 1 << 20, &m), 0);
+    CHECK_EQ(ioe_merger_add(m, back, 512, 0, on_complete, &s[N + 7]), 0);
+    CHECK_EQ(ioe_context_destroy(ctx), 0);
+    CHECK_EQ(ioe_merger_add(m, back + 512, 512, 512, on_complete, &s[N + 8]), -ESHUTDOWN);
+    CHECK_EQ(ioe_merger_destroy(m), 0);
+    waiter_wait(&w, N + 8);
+    CHECK_EQ(s[N + 7].result, -ESHUTDOWN);
+    CHECK_EQ(atomic_load(&s[N + 8].calls), 0);
+
+    free(s);
+    free(data);
+    free(back);
+    close(fd);
+}
+
+int main(void) {
+    struct ioe_workers *pool = NULL;
+    CHECK_EQ(ioe_workers_create(2, &pool), 0);
+    for (int b = 0; b < 2; b++) {
+        run(BACKENDS[b], NULL);
+        run(BACKENDS[b], pool);
+    }
+    ioe_workers_destroy(pool);
+    printf("merge: ok\n");
+    return 0;
+}
