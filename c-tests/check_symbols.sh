@@ -24,3 +24,14 @@ if [ "$soname" != "libioengine.so.$major" ]; then
   echo "soname is '$soname', expected libioengine.so.$major"; exit 1
 fi
 echo "symbols: $(wc -l <<<"$exported") ioe_* functions exported, all declared; soname $soname"
+
+# Every declared function is called somewhere in the C test suite.
+tests_dir=$(dirname "$0")
+missing=""
+for fn in $declared; do
+  grep -qw "$fn" "$tests_dir"/test_*.c "$tests_dir"/test_*.cpp || missing="$missing $fn"
+done
+if [ -n "$missing" ]; then
+  echo "functions no C test calls:$missing"; exit 1
+fi
+echo "every declared function is called by the C tests"
