@@ -59,6 +59,7 @@ static void run(uint32_t backend, struct ioe_workers *workers) {
     CHECK_EQ(ioe_merger_add(m, beyond, sizeof beyond, tail + sizeof tail_buf, on_complete, &s[N + 6]), 0);
     CHECK_EQ(ioe_merger_flush(m), 0);
     CHECK_EQ(ioe_merger_held(m), 0);
+    CHECK_EQ(ioe_merger_destroy(m), 0);
     waiter_wait(&w, N + 7);
     off = 0;
     for (int i = 0; i < 5; i++) {
