@@ -24,6 +24,10 @@ unset IOENGINE_BACKEND
 echo "== source checks"
 python3 scripts/check-safety-comments.py
 echo "every unsafe block carries a SAFETY comment"
+cargo fmt --check
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --all-targets -- -D warnings
+fi
 
 echo "== cargo test (debug)"
 cargo test --all-targets

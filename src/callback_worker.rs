@@ -170,7 +170,7 @@ impl<C: IOCallbackCustom> IOWorkers<C> {
                 if let Err(channel::SendError((event, _))) = sender.send((event, tracker.clone())) {
                     // Unreachable while this clone exists (threads only stop when
                     // every sender is gone); run inline rather than lose it.
-                    run_guarded(event, &tracker);
+                    run_guarded(event, tracker);
                 }
             }
         }

@@ -2,7 +2,7 @@
 
 use std::ffi::{c_int, c_void};
 
-use super::guard;
+use super::{guard, guard_or};
 
 /// Alignment `ioe_buffer_alloc` uses when asked for 0: enough for O_DIRECT
 /// on devices with 512-byte or 4 KiB blocks.
@@ -42,8 +42,10 @@ pub extern "C" fn ioe_buffer_alloc(len: usize, align: usize, out: *mut *mut c_vo
 /// Frees a buffer from ioe_buffer_alloc. NULL is ignored.
 #[no_mangle]
 pub extern "C" fn ioe_buffer_free(buf: *mut c_void) {
-    // SAFETY: buf is NULL or came from posix_memalign in ioe_buffer_alloc.
-    unsafe { libc::free(buf) }
+    guard_or((), || {
+        // SAFETY: buf is NULL or came from posix_memalign in ioe_buffer_alloc.
+        unsafe { libc::free(buf) }
+    })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::ffi::c_int;
 use std::sync::Arc;
 
 use super::workers::ioe_workers;
-use super::{guard, guard64, neg, FfiCallback};
+use super::{guard, guard64, guard_or, neg, FfiCallback};
 use crate::callback_worker::{in_callback, IOWorkers};
 use crate::context::{ContextOptions, IOContext};
 use crate::driver::Backend;
@@ -239,12 +239,12 @@ pub extern "C" fn ioe_context_backend(ctx: *const ioe_context) -> c_int {
 /// "unknown". Static string; never NULL.
 #[no_mangle]
 pub extern "C" fn ioe_backend_name(backend: u32) -> *const std::ffi::c_char {
-    match backend_from_c(backend) {
+    guard_or(c"unknown".as_ptr(), || match backend_from_c(backend) {
         Some(Backend::Auto) => c"auto".as_ptr(),
         Some(Backend::Uring) => c"io_uring".as_ptr(),
         Some(Backend::Aio) => c"aio".as_ptr(),
         None => c"unknown".as_ptr(),
-    }
+    })
 }
 
 /// The context's depth (most I/Os in flight); -EINVAL for NULL.

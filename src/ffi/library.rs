@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int};
 
-use super::guard;
+use super::guard_or;
 
 /// Major version; changes break the ABI (it is the soname's number).
 pub const IOE_VERSION_MAJOR: u32 = 0;
@@ -16,14 +16,15 @@ pub const IOE_VERSION_PATCH: u32 = 0;
 /// with the `IOE_VERSION_*` macros to detect a header/library mismatch.
 #[no_mangle]
 pub extern "C" fn ioe_version() -> u32 {
-    (IOE_VERSION_MAJOR << 16) | (IOE_VERSION_MINOR << 8) | IOE_VERSION_PATCH
+    guard_or(0, || (IOE_VERSION_MAJOR << 16) | (IOE_VERSION_MINOR << 8) | IOE_VERSION_PATCH)
 }
 
 /// The library's version as a static NUL-terminated string ("0.1.0").
 /// Never NULL; the caller must not free it.
 #[no_mangle]
 pub extern "C" fn ioe_version_string() -> *const c_char {
-    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+    const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    guard_or(c"".as_ptr(), || VERSION.as_ptr() as *const c_char)
 }
 
 thread_local! {
@@ -36,9 +37,7 @@ thread_local! {
 /// `ioe_strerror` call; never NULL. Safe to call from callbacks.
 #[no_mangle]
 pub extern "C" fn ioe_strerror(err: c_int) -> *const c_char {
-    static FALLBACK: &std::ffi::CStr = c"unknown error";
-    let mut out: *const c_char = FALLBACK.as_ptr();
-    guard(|| {
+    guard_or(c"unknown error".as_ptr(), || {
         let code = err.checked_abs().unwrap_or(0);
         ERROR_TEXT.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -49,11 +48,9 @@ pub extern "C" fn ioe_strerror(err: c_int) -> *const c_char {
             let n = text.len().min(buf.len() - 1);
             buf[..n].copy_from_slice(&text.as_bytes()[..n]);
             buf[n] = 0;
-            out = buf.as_ptr() as *const c_char;
-        });
-        0
-    });
-    out
+            buf.as_ptr() as *const c_char
+        })
+    })
 }
 
 #[cfg(test)]

@@ -61,14 +61,19 @@ impl IOCallbackCustom for FfiCallback {
 /// Error returned when a panic was caught at the boundary (an engine bug).
 pub(crate) const PANIC_ERRNO: i32 = libc::EIO;
 
-/// Runs `f`, turning a panic into `-EIO` so it never unwinds into C.
+/// Runs `f`; a panic returns `fallback` instead of unwinding into C.
+pub(crate) fn guard_or<T, F: FnOnce() -> T>(fallback: T, f: F) -> T {
+    panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(fallback)
+}
+
+/// Runs `f`, turning a panic into `-EIO`.
 pub(crate) fn guard<F: FnOnce() -> i32>(f: F) -> i32 {
-    panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(-PANIC_ERRNO)
+    guard_or(-PANIC_ERRNO, f)
 }
 
 /// As [`guard`] for functions returning a 64-bit value.
 pub(crate) fn guard64<F: FnOnce() -> i64>(f: F) -> i64 {
-    panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(-(PANIC_ERRNO as i64))
+    guard_or(-(PANIC_ERRNO as i64), f)
 }
 
 /// `-errno` of an I/O error.
