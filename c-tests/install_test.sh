@@ -30,11 +30,15 @@ echo "pkg-config: $(pkg-config --modversion ioengine): $(pkg-config --cflags --l
   $(pkg-config --cflags --libs ioengine) -Wl,-rpath,"$libdir"
 "$work/consumer_pc"
 # The program must load the installed library, not one from the build tree.
-ldd "$work/consumer_pc" | grep -q "$libdir/libioengine.so.0" || { echo "consumer did not resolve the installed library"; ldd "$work/consumer_pc"; exit 1; }
+# (ldd's output is captured first: grep -q closing the pipe early would make
+# ldd die of SIGPIPE, which pipefail reports as a failure.)
+deps=$(ldd "$work/consumer_pc")
+grep -q "$libdir/libioengine.so.0" <<<"$deps" || { echo "consumer did not resolve the installed library"; echo "$deps"; exit 1; }
 
 "$cc" -std=c11 -Wall -Wextra -Werror "$consumer_src/consumer.c" -o "$work/consumer_static" \
   $(pkg-config --cflags ioengine) "$libdir/libioengine.a" $(pkg-config --libs-only-l --static ioengine | sed 's/-lioengine//')
-if ldd "$work/consumer_static" | grep -q libioengine; then echo "static consumer links the shared library"; exit 1; fi
+deps=$(ldd "$work/consumer_static")
+if grep -q libioengine <<<"$deps"; then echo "static consumer links the shared library"; exit 1; fi
 "$work/consumer_static"
 
 cmake -S "$consumer_src" -B "$work/cmake-consumer" -DCMAKE_PREFIX_PATH="$prefix" >/dev/null

@@ -38,7 +38,7 @@ static void bad_options(void) {
 
     ioe_context_options_init(&opts);
     opts.flags = IOE_SETUP_CQSIZE;
-    opts.cq_size = opts.depth;
+    opts.cq_size = opts.depth - 1;
     CHECK_EQ(ioe_context_create(&opts, &ctx), -EINVAL);
     CHECK(ctx == NULL);
 }

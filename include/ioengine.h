@@ -177,7 +177,8 @@ typedef struct ioe_context_options {
      */
     uint32_t sqpoll_idle_ms;
     /**
-     * With IOE_SETUP_CQSIZE: completion-queue entries, greater than `depth`.
+     * With IOE_SETUP_CQSIZE: completion-queue entries, at least `depth`
+     * (without the flag: `depth` rounded up to a power of two).
      */
     uint32_t cq_size;
     /**
@@ -220,6 +221,16 @@ typedef struct ioe_stats {
      * Requests waiting in the queues now.
      */
     uint64_t pending;
+    /**
+     * Memory the engine keeps for the context (slots, kernel rings,
+     * bookkeeping), in bytes.
+     */
+    uint64_t memory_bytes;
+    /**
+     * Engine memory per in-flight I/O: its share of memory_bytes plus the
+     * request record that travels with it.
+     */
+    uint64_t memory_per_slot;
 } ioe_stats;
 
 /**
@@ -301,7 +312,7 @@ int ioe_context_options_init(struct ioe_context_options *opts);
  * `opts` may be NULL for defaults.
  *
  * Returns 0; -EINVAL for NULL `out`, an unknown backend or flag, a depth
- * outside 1 to IOE_MAX_DEPTH, a cq_size not above depth, non-zero reserved
+ * outside 1 to IOE_MAX_DEPTH, a cq_size below depth, non-zero reserved
  * fields or a malformed IOENGINE_BACKEND; -ENOSYS, -EPERM or -EOPNOTSUPP
  * when an explicitly requested io_uring cannot run; -EAGAIN when the
  * kernel's AIO limit (fs.aio-max-nr) is exhausted; -ENOMEM.

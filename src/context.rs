@@ -16,8 +16,8 @@ use crate::callback_worker::{in_callback, in_callback_of, CompletionTracker, IOW
 use crate::driver::{self, Backend};
 use crate::tasks::{IOCallbackCustom, IOChannel, IOEvent};
 
-/// Largest queue depth a context accepts. io_uring rings hold at most 32768
-/// entries and one is kept for the shutdown sentinel.
+/// Largest queue depth a context accepts (io_uring rings hold at most 32768
+/// entries; the limit stays one below, as it always was).
 pub const MAX_DEPTH: usize = 32767;
 
 /// How a context is set up. `Default` gives depth 128 and automatic backend
@@ -34,8 +34,8 @@ pub struct ContextOptions {
     /// io_uring only: busy-poll completions (IORING_SETUP_IOPOLL). Needs
     /// O_DIRECT files on a device with polling queues; fsync is not allowed.
     pub iopoll: bool,
-    /// io_uring only: completion-queue entries (IORING_SETUP_CQSIZE); must
-    /// be larger than `depth`.
+    /// io_uring only: completion-queue entries (IORING_SETUP_CQSIZE); at
+    /// least `depth` (the default is `depth`, rounded up to a power of two).
     pub cq_size: Option<u32>,
 }
 
@@ -55,7 +55,7 @@ impl ContextOptions {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         if let Some(cq) = self.cq_size {
-            if (cq as usize) <= self.depth {
+            if (cq as usize) < self.depth {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
         }
@@ -78,6 +78,12 @@ pub struct IoStats {
     pub in_flight: u64,
     /// Events waiting in the queues.
     pub pending: u64,
+    /// Memory the engine keeps for this context: driver slots, kernel rings
+    /// (SQ/CQ or AIO event ring) and the driver's bookkeeping, in bytes.
+    pub memory_bytes: u64,
+    /// Engine memory per in-flight I/O: its share of `memory_bytes` plus the
+    /// event record that travels with it.
+    pub memory_per_slot: u64,
 }
 
 #[derive(Default)]
@@ -120,6 +126,8 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
     pub(crate) reads_first: AtomicBool,
     pub(crate) counters: Counters,
     pub(crate) tracker: Arc<CompletionTracker>,
+    /// Bytes the running driver keeps (set once when it starts).
+    pub(crate) driver_bytes: AtomicUsize,
 }
 
 impl<C: IOCallbackCustom> IoSharedContext<C> {
@@ -143,6 +151,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
             reads_first: AtomicBool::new(true),
             counters: Counters::default(),
             tracker,
+            driver_bytes: AtomicUsize::new(0),
         });
         (shared, noti_receiver)
     }
@@ -173,7 +182,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
     /// Hands a completed event (or each event of a completed merge) to its
     /// callback. Called by the driver threads only.
     pub(crate) fn complete(&self, mut event: Box<IOEvent<C>>) {
-        if event.sub_tasks.is_empty() {
+        if !event.is_merged() {
             self.finish_one(event);
             return;
         }
@@ -364,6 +373,9 @@ impl<C: IOCallbackCustom> IOContext<C> {
             merged: c.merged.load(Ordering::Relaxed),
             in_flight: self.inner.in_flight() as u64,
             pending: self.pending_count() as u64,
+            memory_bytes: self.inner.driver_bytes.load(Ordering::Relaxed) as u64,
+            memory_per_slot: (self.inner.driver_bytes.load(Ordering::Relaxed) / self.inner.depth
+                + std::mem::size_of::<IOEvent<C>>()) as u64,
         }
     }
 

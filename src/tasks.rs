@@ -80,7 +80,8 @@ impl IOCallbackCustom for ClosureCb {
 pub struct Buffer {
     ptr: NonNull<u8>,
     len: usize,
-    align: usize,
+    /// log2 of the allocation's alignment (owned buffers only).
+    align_shift: u8,
     owned: bool,
 }
 
@@ -106,12 +107,12 @@ impl Buffer {
             // A zero-length buffer owns no memory; a dangling aligned pointer is
             // valid for zero-byte accesses.
             let ptr = NonNull::new(align as *mut u8).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-            return Ok(Buffer { ptr, len: 0, align, owned: false });
+            return Ok(Buffer { ptr, len: 0, align_shift: 0, owned: false });
         }
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
-        Ok(Buffer { ptr, len, align, owned: true })
+        Ok(Buffer { ptr, len, align_shift: align.trailing_zeros() as u8, owned: true })
     }
 
     /// Wraps memory owned by the caller. The buffer never frees it.
@@ -122,7 +123,7 @@ impl Buffer {
     /// buffer is dropped), and must not be accessed by anyone else meanwhile.
     pub unsafe fn from_raw_parts(ptr: *mut u8, len: usize) -> io::Result<Buffer> {
         let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
-        Ok(Buffer { ptr, len, align: 1, owned: false })
+        Ok(Buffer { ptr, len, align_shift: 0, owned: false })
     }
 
     /// An owned buffer holding a copy of `data`, aligned for O_DIRECT.
@@ -164,8 +165,10 @@ impl Drop for Buffer {
     fn drop(&mut self) {
         if self.owned {
             // SAFETY: owned buffers were allocated in with_alignment with exactly
-            // this size (len > 0) and alignment.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len, self.align)) }
+            // this size (len > 0) and alignment (a power of two, 1 << align_shift).
+            unsafe {
+                alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len, 1 << self.align_shift))
+            }
         }
     }
 }
@@ -205,32 +208,38 @@ pub(crate) enum Progress {
 /// the other constructors, set a callback, and submit it to a context.
 pub struct IOEvent<C: IOCallbackCustom> {
     fd: RawFd,
-    action: IOAction,
+    /// fallocate mode.
+    mode: i32,
     offset: u64,
     /// Bytes to transfer (read/write) or the range length (fallocate).
     length: u64,
-    /// fallocate mode.
-    mode: i32,
-    buf: Option<Buffer>,
-    /// Bytes or -errno once complete, `RESULT_PENDING` before.
-    res: i64,
     /// Bytes already transferred by earlier (short) requests.
     done: u64,
-    transient_retries: u8,
-    /// The last -errno the kernel reported, kept when bytes were transferred
+    /// Bytes or -errno once complete, `RESULT_PENDING` before.
+    res: i64,
+    /// The last errno the kernel reported, kept when bytes were transferred
     /// before it (merged events pass it to the sub-events after the prefix).
-    last_error: i64,
+    last_error: i32,
+    action: IOAction,
+    transient_retries: u8,
+    buf: Option<Buffer>,
     callback: Option<C>,
-    /// For a merged event: the original events it carries, in offset order.
-    pub(crate) sub_tasks: EmbeddedList<C>,
+    /// Only for a merged event (boxed so plain events stay small).
+    merge: Option<Box<MergeState<C>>>,
     /// Link used by `EmbeddedList`.
     pub(crate) next: *mut IOEvent<C>,
-    /// For a merged event: one iovec per sub-task; `iov_start` is the first
-    /// one not yet fully transferred (it is trimmed in place).
+    /// Opaque value for the user (tests and tools use it as an id).
+    pub user_tag: u64,
+}
+
+/// What a merged event carries besides the plain fields.
+struct MergeState<C: IOCallbackCustom> {
+    /// The original events, in offset order.
+    subs: EmbeddedList<C>,
+    /// One iovec per sub-event; `iov_start` is the first one not yet fully
+    /// transferred (it is trimmed in place after a short transfer).
     iov: Vec<libc::iovec>,
     iov_start: usize,
-    /// Opaque value for the user (the C layer keeps its request id here).
-    pub user_tag: u64,
 }
 
 // SAFETY: the raw pointers (`next`, iovec bases) point into memory owned by the
@@ -242,20 +251,18 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     fn blank(fd: RawFd, action: IOAction) -> Self {
         IOEvent {
             fd,
-            action,
+            mode: 0,
             offset: 0,
             length: 0,
-            mode: 0,
-            buf: None,
-            res: RESULT_PENDING,
             done: 0,
-            transient_retries: 0,
+            res: RESULT_PENDING,
             last_error: 0,
+            action,
+            transient_retries: 0,
+            buf: None,
             callback: None,
-            sub_tasks: EmbeddedList::new(),
+            merge: None,
             next: ptr::null_mut(),
-            iov: Vec::new(),
-            iov_start: 0,
             user_tag: 0,
         }
     }
@@ -340,11 +347,12 @@ impl<C: IOCallbackCustom> IOEvent<C> {
 
     /// Number of user events this event stands for (merged events carry many).
     pub(crate) fn callback_count(&self) -> usize {
-        if self.sub_tasks.is_empty() {
-            1
-        } else {
-            self.sub_tasks.len()
-        }
+        self.merge.as_ref().map_or(1, |m| m.subs.len())
+    }
+
+    /// Whether this event carries merged sub-events.
+    pub(crate) fn is_merged(&self) -> bool {
+        self.merge.is_some()
     }
 
     /// Checks what the kernel would reject late or what would corrupt the
@@ -365,7 +373,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
                 if self.length == 0 {
                     return Err(libc::EINVAL);
                 }
-                if self.sub_tasks.is_empty() && self.buf.as_ref().map_or(true, |b| b.len() as u64 != self.length) {
+                if !self.is_merged() && self.buf.as_ref().map_or(true, |b| b.len() as u64 != self.length) {
                     return Err(libc::EINVAL);
                 }
             }
@@ -394,25 +402,24 @@ impl<C: IOCallbackCustom> IOEvent<C> {
             });
             ev.length += sub.length;
         }
-        ev.iov = iov;
-        ev.sub_tasks = subs;
+        ev.merge = Some(Box::new(MergeState { subs, iov, iov_start: 0 }));
         Box::new(ev)
     }
 
     /// The request a driver must issue next (first or after a short transfer).
     pub(crate) fn next_request(&mut self) -> IoRequest {
         let offset = self.offset + self.done;
+        if let (IOAction::Read | IOAction::Write, Some(merge)) = (self.action, self.merge.as_ref()) {
+            let rest = &merge.iov[merge.iov_start..];
+            let count = rest.len().min(libc::UIO_MAXIOV as usize) as u32;
+            let iov = rest.as_ptr();
+            return if self.action == IOAction::Read {
+                IoRequest::Readv { iov, count, offset }
+            } else {
+                IoRequest::Writev { iov, count, offset }
+            };
+        }
         match self.action {
-            IOAction::Read | IOAction::Write if !self.iov.is_empty() => {
-                let rest = &self.iov[self.iov_start..];
-                let count = rest.len().min(libc::UIO_MAXIOV as usize) as u32;
-                let iov = rest.as_ptr();
-                if self.action == IOAction::Read {
-                    IoRequest::Readv { iov, count, offset }
-                } else {
-                    IoRequest::Writev { iov, count, offset }
-                }
-            }
             IOAction::Read | IOAction::Write => {
                 let len = (self.length - self.done).min(MAX_RW_CHUNK) as u32;
                 let done = self.done as usize;
@@ -444,7 +451,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
         match self.action {
             IOAction::Read | IOAction::Write => {
                 if res < 0 {
-                    self.last_error = res;
+                    self.last_error = res as i32;
                     // Bytes already transferred win over a later error, as with
                     // read(2)/write(2); the caller sees a short count.
                     self.res = if self.done > 0 { self.done as i64 } else { res };
@@ -474,16 +481,14 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     /// merged event so the next request starts after them.
     fn advance(&mut self, n: u64) {
         self.done += n;
-        if self.iov.is_empty() {
-            return;
-        }
+        let Some(merge) = self.merge.as_mut() else { return };
         let mut left = n as usize;
-        while left > 0 && self.iov_start < self.iov.len() {
-            let iov = &mut self.iov[self.iov_start];
+        while left > 0 && merge.iov_start < merge.iov.len() {
+            let iov = &mut merge.iov[merge.iov_start];
             if left >= iov.iov_len {
                 left -= iov.iov_len;
                 iov.iov_len = 0;
-                self.iov_start += 1;
+                merge.iov_start += 1;
             } else {
                 // SAFETY: left < iov_len, so the new base stays inside this buffer.
                 iov.iov_base = unsafe { (iov.iov_base as *mut u8).add(left) } as *mut libc::c_void;
@@ -497,7 +502,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     /// any I/O having been issued.
     pub(crate) fn fail(&mut self, errno: i32) {
         self.res = -(errno as i64);
-        self.last_error = self.res;
+        self.last_error = -errno;
     }
 
     /// For a merged event, completed: splits its result among the original
@@ -507,8 +512,9 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     pub(crate) fn split_merged(&mut self) -> EmbeddedList<C> {
         // Every completion path leaves `done` as the bytes actually transferred.
         let transferred = self.done;
-        let error = self.last_error;
-        let mut subs = std::mem::take(&mut self.sub_tasks);
+        let error = self.last_error as i64;
+        let Some(merge) = self.merge.take() else { return EmbeddedList::new() };
+        let mut subs = merge.subs;
         let mut start = 0u64;
         for sub in subs.iter_mut() {
             let end = start + sub.length;
@@ -543,7 +549,7 @@ impl<C: IOCallbackCustom> fmt::Debug for IOEvent<C> {
             .field("offset", &self.offset)
             .field("len", &self.length)
             .field("result", &self.result())
-            .field("merged", &self.sub_tasks.len())
+            .field("merged", &self.merge.as_ref().map_or(0, |m| m.subs.len()))
             .finish()
     }
 }

@@ -367,7 +367,7 @@ fn invalid_events_and_options_are_refused_synchronously() {
             IOContext::with_options(&ContextOptions::with_depth(depth), &workers).err().expect("bad depth accepted");
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     }
-    let small_cq = ContextOptions { cq_size: Some(8), ..ContextOptions::with_depth(8) };
+    let small_cq = ContextOptions { cq_size: Some(7), ..ContextOptions::with_depth(8) };
     assert_eq!(IOContext::with_options(&small_cq, &workers).err().unwrap().raw_os_error(), Some(libc::EINVAL));
 
     for backend in BACKENDS {
@@ -637,6 +637,30 @@ fn callbacks_submit_follow_ups_during_a_drain_and_they_complete() {
             // From outside a callback, the context now refuses.
             let late = col.event(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, 0, 0);
             assert_eq!(ctx.submit(late, IOChannel::Read).unwrap_err().error.raw_os_error(), Some(libc::ESHUTDOWN));
+        }
+    }
+}
+
+#[test]
+fn engine_memory_is_reported_and_bounded_per_slot() {
+    for backend in BACKENDS {
+        for depth in [1usize, 32, 128, 1024] {
+            let ctx = context(backend, depth, &IOWorkers::new(0).unwrap());
+            let stats = ctx.stats();
+            let event = std::mem::size_of::<IOEvent<ClosureCb>>() as u64;
+            println!(
+                "{backend} depth {depth}: {} bytes, {} per slot (event {event})",
+                stats.memory_bytes, stats.memory_per_slot
+            );
+            assert!(stats.memory_bytes > 0);
+            assert!(stats.memory_per_slot > event);
+            // Bounded: the driver's share per slot does not grow with depth.
+            let bound = if backend == Backend::Uring { 256 } else { 320 };
+            assert!(
+                stats.memory_per_slot <= bound || depth == 1,
+                "{backend} depth {depth}: {} bytes per slot",
+                stats.memory_per_slot
+            );
         }
     }
 }

@@ -274,6 +274,20 @@ fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
     }
 }
 
+/// What the driver keeps per context: slots (with their iocbs), the free
+/// list, its channel and the submit batch, the poller's event buffer and the
+/// kernel's completion ring.
+fn memory_bytes<C: IOCallbackCustom>(depth: usize) -> usize {
+    let channel_slot = std::mem::size_of::<usize>() + std::mem::size_of::<u32>();
+    let per_slot = std::mem::size_of::<AioSlot<C>>()
+        + std::mem::size_of::<u32>()
+        + channel_slot
+        + std::mem::size_of::<*mut iocb>();
+    let events = (depth + 1).min(MAX_EVENTS_PER_POLL) * std::mem::size_of::<io_event>();
+    let kernel_ring = depth * std::mem::size_of::<io_event>();
+    depth * per_slot + events + kernel_ring
+}
+
 pub struct AioDriver;
 
 impl AioDriver {
@@ -294,11 +308,12 @@ impl AioDriver {
         let wake_file = unsafe { OwnedFd::from_raw_fd(raw) };
 
         let mut context: aio_context_t = 0;
-        // Room for every slot plus the sentinel.
-        let nr_events = u32::try_from(depth + 1).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // Room for every slot; the sentinel is only sent once all are free.
+        let nr_events = u32::try_from(depth).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: `context` is a zeroed aio_context_t on our stack.
         unsafe { abi::io_setup(nr_events, &mut context)? };
 
+        ctx.driver_bytes.store(memory_bytes::<C>(depth), Ordering::Relaxed);
         let slots = (0..depth)
             .map(|_| UnsafeCell::new(AioSlot { event: None, iocb: iocb::default(), parked_result: None }))
             .collect();

@@ -2,8 +2,9 @@
 //! the submission queue and a poller thread that owns the completion queue.
 //!
 //! A slot is only the event pointer; the slot id travels as the SQE's
-//! `user_data`. The ring has room for `depth` I/Os plus the shutdown NOP and
-//! the completion queue is at least as large, so neither can overflow.
+//! `user_data`. Both queues have room for `depth` entries; at most `depth`
+//! I/Os are in flight and the shutdown NOP is sent only when none is, so
+//! neither queue can overflow.
 
 use std::cell::UnsafeCell;
 use std::io;
@@ -76,11 +77,12 @@ fn build_ring(opts: &ContextOptions) -> io::Result<IoUring> {
     if opts.iopoll {
         builder.setup_iopoll();
     }
-    if let Some(cq) = opts.cq_size {
-        builder.setup_cqsize(cq);
-    }
-    // One entry more than depth for the shutdown NOP.
-    let entries = u32::try_from(opts.depth + 1).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // depth entries suffice: at most depth I/Os are in flight, and the
+    // shutdown NOP is only sent once none is. The completion queue defaults
+    // to the same size (the kernel's default is twice the SQ) to keep the
+    // ring's memory per slot small.
+    let entries = u32::try_from(opts.depth).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    builder.setup_cqsize(opts.cq_size.unwrap_or(entries));
     let ring = builder.build(entries)?;
     let mut probe = Probe::new();
     ring.submitter().register_probe(&mut probe)?;
@@ -88,10 +90,22 @@ fn build_ring(opts: &ContextOptions) -> io::Result<IoUring> {
         return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
     }
     let params = ring.params();
-    if (params.sq_entries() as usize) < opts.depth + 1 || (params.cq_entries() as usize) < opts.depth + 1 {
+    if (params.sq_entries() as usize) < opts.depth || (params.cq_entries() as usize) < opts.depth {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(ring)
+}
+
+/// What the driver keeps per context: slots, the free list and the two
+/// slot-id channels, and the rings shared with the kernel (SQ entries with
+/// their index array, CQ entries).
+fn memory_bytes<C: IOCallbackCustom>(ring: &IoUring, depth: usize) -> usize {
+    let params = ring.params();
+    let channel_slot = std::mem::size_of::<usize>() + std::mem::size_of::<u32>();
+    let per_slot = std::mem::size_of::<UringSlot<C>>() + std::mem::size_of::<u32>() + 2 * channel_slot;
+    let sq = params.sq_entries() as usize * (std::mem::size_of::<Entry>() + std::mem::size_of::<u32>());
+    let cq = params.cq_entries() as usize * std::mem::size_of::<io_uring::cqueue::Entry>();
+    depth * per_slot + sq + cq
 }
 
 pub struct UringDriver;
@@ -104,6 +118,7 @@ impl UringDriver {
         noti_receiver: Receiver<()>,
     ) -> io::Result<Vec<JoinHandle<()>>> {
         let ring = build_ring(opts)?;
+        ctx.driver_bytes.store(memory_bytes::<C>(&ring, ctx.depth), Ordering::Relaxed);
         let slots = (0..ctx.depth).map(|_| UnsafeCell::new(UringSlot { event: None })).collect();
         let inner = Arc::new(UringInner { ring, slots });
         let sqpoll = opts.sqpoll_idle_ms.is_some();

@@ -46,7 +46,8 @@ pub struct ioe_context_options {
     pub flags: u32,
     /// With IOE_SETUP_SQPOLL: idle milliseconds before the kernel thread sleeps.
     pub sqpoll_idle_ms: u32,
-    /// With IOE_SETUP_CQSIZE: completion-queue entries, greater than `depth`.
+    /// With IOE_SETUP_CQSIZE: completion-queue entries, at least `depth`
+    /// (without the flag: `depth` rounded up to a power of two).
     pub cq_size: u32,
     /// Callback pool, or NULL to run callbacks directly on the context's
     /// poller thread (lowest latency; such callbacks must not block).
@@ -76,6 +77,12 @@ pub struct ioe_stats {
     pub in_flight: u64,
     /// Requests waiting in the queues now.
     pub pending: u64,
+    /// Memory the engine keeps for the context (slots, kernel rings,
+    /// bookkeeping), in bytes.
+    pub memory_bytes: u64,
+    /// Engine memory per in-flight I/O: its share of memory_bytes plus the
+    /// request record that travels with it.
+    pub memory_per_slot: u64,
 }
 
 /// Fills `*opts` with defaults: depth IOE_DEFAULT_DEPTH, IOE_BACKEND_AUTO,
@@ -141,7 +148,7 @@ fn options_from_c(opts: &ioe_context_options) -> Result<ContextOptions, c_int> {
 /// `opts` may be NULL for defaults.
 ///
 /// Returns 0; -EINVAL for NULL `out`, an unknown backend or flag, a depth
-/// outside 1 to IOE_MAX_DEPTH, a cq_size not above depth, non-zero reserved
+/// outside 1 to IOE_MAX_DEPTH, a cq_size below depth, non-zero reserved
 /// fields or a malformed IOENGINE_BACKEND; -ENOSYS, -EPERM or -EOPNOTSUPP
 /// when an explicitly requested io_uring cannot run; -EAGAIN when the
 /// kernel's AIO limit (fs.aio-max-nr) is exhausted; -ENOMEM.
@@ -282,6 +289,8 @@ pub extern "C" fn ioe_context_stats(ctx: *const ioe_context, out: *mut ioe_stats
             merged: s.merged,
             in_flight: s.in_flight,
             pending: s.pending,
+            memory_bytes: s.memory_bytes,
+            memory_per_slot: s.memory_per_slot,
         };
         // SAFETY: non-null; the caller promises it is writable.
         unsafe { out.write(stats) };
