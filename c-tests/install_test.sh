@@ -13,8 +13,8 @@ prefix="$work/prefix"
 cmake --install "$build" --prefix "$prefix" >/dev/null
 
 libdir="$prefix/lib"
-[ -d "$libdir" ] || libdir=$(dirname "$(find "$prefix" -name 'libioengine.a' | head -n1)")
-real=$(basename "$(find "$libdir" -maxdepth 1 -name 'libioengine.so.*.*.*' | head -n1)")
+[ -d "$libdir" ] || libdir=$(dirname "$(find "$prefix" -name 'libioengine.a' -print -quit)")
+real=$(basename "$(find "$libdir" -maxdepth 1 -name 'libioengine.so.*.*.*' -print -quit)")
 [ -n "$real" ] && [ -f "$libdir/$real" ] && [ ! -L "$libdir/$real" ] || { echo "no real shared library in $libdir"; exit 1; }
 [ "$(readlink "$libdir/libioengine.so.0")" = "$real" ] || { echo "libioengine.so.0 does not point to $real"; exit 1; }
 [ "$(readlink "$libdir/libioengine.so")" = "libioengine.so.0" ] || { echo "libioengine.so does not point to the soname"; exit 1; }
