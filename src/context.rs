@@ -2,6 +2,7 @@
 //! backend-free state it shares with the driver threads: queues, counters,
 //! callback workers and the submitter's wake-up channel.
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -175,8 +176,11 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
         queue.push(event);
         count.fetch_add(1, Ordering::SeqCst);
         self.total_count.fetch_add(1, Ordering::SeqCst);
-        // Full means a wake-up is already pending; nothing else to do.
-        let _ = self.noti_sender.try_send(());
+        // The context's own poller submits after its batch; anyone else wakes
+        // the submitter (a full channel means a wake-up is already pending).
+        if POLLER_OF.with(|p| p.get()) != self as *const Self as usize {
+            let _ = self.noti_sender.try_send(());
+        }
     }
 
     /// Hands a completed event (or each event of a completed merge) to its
@@ -229,6 +233,29 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
 
     pub(crate) fn in_flight(&self) -> usize {
         self.depth.saturating_sub(self.free_slots_count.load(Ordering::SeqCst))
+    }
+}
+
+thread_local! {
+    /// The shared context whose poller runs on this thread (0 if none).
+    static POLLER_OF: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as the poller of a context for its lifetime.
+/// Events queued from that poller's inline callbacks need no submitter
+/// wake-up: the poller submits them itself after its completion batch.
+pub(crate) struct PollerMark;
+
+impl PollerMark {
+    pub(crate) fn set<C: IOCallbackCustom>(ctx: &IoSharedContext<C>) -> PollerMark {
+        POLLER_OF.with(|p| p.set(ctx as *const IoSharedContext<C> as usize));
+        PollerMark
+    }
+}
+
+impl Drop for PollerMark {
+    fn drop(&mut self) {
+        POLLER_OF.with(|p| p.set(0));
     }
 }
 

@@ -19,9 +19,10 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender};
+use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
-use crate::context::{ContextOptions, IoSharedContext};
+use crate::context::{ContextOptions, IoSharedContext, PollerMark};
 use crate::driver::{neg_errno, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
@@ -146,17 +147,34 @@ pub struct AioSlot<C: IOCallbackCustom> {
     parked_result: Option<i64>,
 }
 
+/// What the holder of the submit lock owns: the free-slot list and the
+/// batch of iocb pointers for the next `io_submit`.
+struct SubmitState {
+    free: Vec<u32>,
+    batch: Vec<*mut iocb>,
+}
+
+// SAFETY: the iocb pointers point into slots owned by the lock holder; the
+// state only moves between threads under the `submit` mutex.
+unsafe impl Send for SubmitState {}
+
 struct AioInner<C: IOCallbackCustom> {
     context: aio_context_t,
     destroyed: AtomicBool,
     slots: Box<[UnsafeCell<AioSlot<C>>]>,
     /// Private memfd that zero-length reads (wake-ups, sentinel) target.
     wake_file: OwnedFd,
+    /// Held while filling slots and submitting: by the submitter thread, or
+    /// by the poller right after a batch of completions (so follow-ups that
+    /// inline callbacks queue go out without a thread hand-off).
+    submit: Mutex<SubmitState>,
+    /// Slot ids the poller freed; drained by whoever holds `submit`.
+    free_ids: Receiver<u32>,
 }
 
 // SAFETY: a slot is used by one thread at a time; it passes between the
-// submitter, the kernel, the poller and the helper through io_submit /
-// io_getevents and channels, each a happens-before edge.
+// holder of the submit lock, the kernel, the poller and the helper through
+// io_submit / io_getevents, the lock and channels, each a happens-before edge.
 unsafe impl<C: IOCallbackCustom> Sync for AioInner<C> {}
 // SAFETY: as above; events are Send.
 unsafe impl<C: IOCallbackCustom> Send for AioInner<C> {}
@@ -317,9 +335,12 @@ impl AioDriver {
         let slots = (0..depth)
             .map(|_| UnsafeCell::new(AioSlot { event: None, iocb: iocb::default(), parked_result: None }))
             .collect();
-        let inner = Arc::new(AioInner { context, destroyed: AtomicBool::new(false), slots, wake_file });
+        let (free_sender, free_ids) = channel::bounded(depth);
+        let submit =
+            Mutex::new(SubmitState { free: (0..depth as u32).rev().collect(), batch: Vec::with_capacity(depth) });
+        let inner =
+            Arc::new(AioInner { context, destroyed: AtomicBool::new(false), slots, wake_file, submit, free_ids });
 
-        let (free_sender, free_receiver) = channel::bounded(depth);
         let (helper_sender, helper_receiver) = channel::unbounded::<u32>();
 
         let mut threads = Vec::with_capacity(3);
@@ -340,7 +361,7 @@ impl AioDriver {
             threads.push(
                 thread::Builder::new()
                     .name("ioe-aio-submit".into())
-                    .spawn(move || worker_submit(ctx, inner_s, noti_receiver, free_receiver, helper_sender))?,
+                    .spawn(move || worker_submit(ctx, inner_s, noti_receiver, helper_sender))?,
             );
             Ok(())
         })();
@@ -428,44 +449,58 @@ fn submit_batch<C: IOCallbackCustom>(inner: &AioInner<C>, batch: &mut Vec<*mut i
     batch.clear();
 }
 
+/// One submission step under the submit lock: take back freed slots, fill
+/// them from the queues (writing their iocbs) and submit them in one call.
+fn submit_step<C: IOCallbackCustom>(
+    ctx: &IoSharedContext<C>,
+    inner: &AioInner<C>,
+    state: &mut SubmitState,
+    helper: &Sender<u32>,
+) {
+    if ctx.total_count.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    state.free.extend(inner.free_ids.try_iter());
+    let quota = state.free.len();
+    let mut filler = AioFiller { ctx, inner, free: &mut state.free, batch: &mut state.batch, helper };
+    poll_request_from_queues(ctx, quota, &mut filler);
+    submit_batch(inner, &mut state.batch, helper);
+}
+
 fn worker_submit<C: IOCallbackCustom>(
     ctx: Arc<IoSharedContext<C>>,
     inner: Arc<AioInner<C>>,
     noti: Receiver<()>,
-    free_receiver: Receiver<u32>,
     helper: Sender<u32>,
 ) {
-    let mut free: Vec<u32> = (0..ctx.depth as u32).rev().collect();
-    let mut batch: Vec<*mut iocb> = Vec::with_capacity(ctx.depth);
     loop {
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
-        if ctx.total_count.load(Ordering::SeqCst) > 0 {
-            if free.is_empty() {
-                free.extend(free_receiver.try_iter());
-            }
-            let quota = free.len();
-            let mut filler =
-                AioFiller { ctx: &ctx, inner: &inner, free: &mut free, batch: &mut batch, helper: &helper };
-            poll_request_from_queues(&ctx, quota, &mut filler);
-            submit_batch(&inner, &mut batch, &helper);
-        }
-        if ctx.total_count.load(Ordering::SeqCst) > 0 {
-            if free.is_empty() {
-                // Work waits for a slot: sleep until the poller frees one.
-                free.extend(free_receiver.recv());
-            }
+        let out_of_slots = {
+            let mut state = inner.submit.lock();
+            submit_step(&ctx, &inner, &mut state, &helper);
+            state.free.is_empty()
+        };
+        if ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots {
             continue;
         }
         if ctx.drained() {
             break;
         }
-        // Idle: sleep until new work. No timeout, no polling.
-        let _ = noti.recv();
+        // Sleep until new work or (when work waits for one) a freed slot.
+        // No timeout, no polling.
+        if ctx.total_count.load(Ordering::SeqCst) > 0 {
+            crossbeam::select! {
+                recv(noti) -> _ => {},
+                recv(inner.free_ids) -> id => if let Ok(id) = id { inner.submit.lock().free.push(id) },
+            }
+        } else {
+            let _ = noti.recv();
+        }
     }
-    // Shutdown: the sentinel read wakes the poller, which drains every slot,
-    // destroys the context and exits.
+    // Shutdown: nothing is queued or in flight and every callback returned.
+    // The sentinel read wakes the poller, which destroys the context and exits.
     let mut sentinel = wake_iocb(inner.wake_file.as_raw_fd(), SENTINEL_DATA);
     while let Err(e) = inner.submit_one(&mut sentinel) {
         eprintln!("ioengine: AIO shutdown sentinel submit failed: {e}; retrying");
@@ -519,6 +554,9 @@ fn worker_poll<C: IOCallbackCustom>(
     free_sender: Sender<u32>,
     helper: Sender<u32>,
 ) {
+    // Callbacks that run inline here queue follow-ups without waking the
+    // submitter: this thread submits them after the batch.
+    let _mark = PollerMark::set(&ctx);
     let capacity = (ctx.depth + 1).min(MAX_EVENTS_PER_POLL);
     let mut events = vec![io_event::default(); capacity];
     let mut exiting = false;
@@ -547,6 +585,17 @@ fn worker_poll<C: IOCallbackCustom>(
         if exiting && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
             inner.destroy();
             return;
+        }
+        // Submit what the batch queued ourselves when the submit lock is free;
+        // otherwise the submitter is at work, and a wake-up makes sure it
+        // looks at the queues again.
+        if ctx.total_count.load(Ordering::SeqCst) > 0 {
+            match inner.submit.try_lock() {
+                Some(mut state) => submit_step(&ctx, &inner, &mut state, &helper),
+                None => {
+                    let _ = ctx.noti_sender.try_send(());
+                }
+            }
         }
     }
 }

@@ -1,5 +1,10 @@
-//! The io_uring driver: one ring per context, a submitter thread that owns
-//! the submission queue and a poller thread that owns the completion queue.
+//! The io_uring driver: one ring per context, a submitter thread and a
+//! poller thread. The poller alone reads the completion queue. The
+//! submission queue and the free-slot list belong to whoever holds the
+//! `submit` lock: the submitter thread, or the poller right after a batch of
+//! completions, so follow-up requests that inline callbacks queue go out in
+//! the same `io_uring_enter` that waits for the next completions (no thread
+//! hand-off, no extra syscall).
 //!
 //! A slot is only the event pointer; the slot id travels as the SQE's
 //! `user_data`. Both queues have room for `depth` entries; at most `depth`
@@ -16,9 +21,10 @@ use crossbeam::channel::{self, Receiver, Sender};
 use io_uring::squeue::Entry;
 use io_uring::types::{Fd, FsyncFlags};
 use io_uring::{opcode, IoUring, Probe, SubmissionQueue, Submitter};
+use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
-use crate::context::{ContextOptions, IoSharedContext};
+use crate::context::{ContextOptions, IoSharedContext, PollerMark};
 use crate::driver::SENTINEL_DATA;
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
@@ -41,15 +47,28 @@ pub struct UringSlot<C: IOCallbackCustom> {
     event: Option<Box<IOEvent<C>>>,
 }
 
+/// What the holder of the submit lock owns besides the submission queue.
+struct SubmitState {
+    /// Ids of slots that carry no I/O.
+    free: Vec<u32>,
+}
+
 struct UringInner<C: IOCallbackCustom> {
     ring: IoUring,
     slots: Box<[UnsafeCell<UringSlot<C>>]>,
+    sqpoll: bool,
+    /// Held while filling slots and writing SQEs.
+    submit: Mutex<SubmitState>,
+    /// Slot ids the poller freed, and slot ids needing their next request
+    /// (short transfers); drained by whoever holds `submit`.
+    free_ids: Receiver<u32>,
+    retry_ids: Receiver<u32>,
 }
 
-// SAFETY: a slot is used by one thread at a time; ownership passes from the
-// submitter to the poller through the ring (kernel barriers) and back through
-// channels, each a happens-before edge. The ring's SQ is used only by the
-// submitter and its CQ only by the poller.
+// SAFETY: a slot is used by one thread at a time: the holder of `submit`
+// fills it, the kernel owns it while in flight, the poller takes the result
+// and hands the id back through a channel (each step a happens-before edge).
+// The SQ is only written under `submit`; the CQ only by the poller.
 unsafe impl<C: IOCallbackCustom> Sync for UringInner<C> {}
 // SAFETY: as above; events are Send.
 unsafe impl<C: IOCallbackCustom> Send for UringInner<C> {}
@@ -60,6 +79,17 @@ impl<C: IOCallbackCustom> UringInner<C> {
     #[allow(clippy::mut_from_ref)]
     unsafe fn slot(&self, id: u32) -> &mut UringSlot<C> {
         &mut *self.slots[id as usize].get()
+    }
+
+    /// The submission queue, for the holder of `submit`.
+    fn sq_writer(&self, _lock: &mut SubmitState) -> SqWriter<'_> {
+        SqWriter {
+            // SAFETY: the `submit` lock (proved by the borrowed state) makes
+            // this the only SubmissionQueue in existence.
+            sq: unsafe { self.ring.submission_shared() },
+            submitter: self.ring.submitter(),
+            sqpoll: self.sqpoll,
+        }
     }
 }
 
@@ -120,13 +150,18 @@ impl UringDriver {
         let ring = build_ring(opts)?;
         ctx.driver_bytes.store(memory_bytes::<C>(&ring, ctx.depth), Ordering::Relaxed);
         let slots = (0..ctx.depth).map(|_| UnsafeCell::new(UringSlot { event: None })).collect();
-        let inner = Arc::new(UringInner { ring, slots });
-        let sqpoll = opts.sqpoll_idle_ms.is_some();
-
         // Each slot id is in at most one message at a time, so `depth`
         // capacity never blocks the poller.
-        let (free_sender, free_receiver) = channel::bounded(ctx.depth);
-        let (retry_sender, retry_receiver) = channel::bounded(ctx.depth);
+        let (free_sender, free_ids) = channel::bounded(ctx.depth);
+        let (retry_sender, retry_ids) = channel::bounded(ctx.depth);
+        let inner = Arc::new(UringInner {
+            ring,
+            slots,
+            sqpoll: opts.sqpoll_idle_ms.is_some(),
+            submit: Mutex::new(SubmitState { free: (0..ctx.depth as u32).rev().collect() }),
+            free_ids,
+            retry_ids,
+        });
 
         let (ctx_poll, inner_poll) = (ctx.clone(), inner.clone());
         let poller = thread::Builder::new()
@@ -135,20 +170,17 @@ impl UringDriver {
         let inner_submit = inner.clone();
         let submitter = thread::Builder::new()
             .name("ioe-uring-submit".into())
-            .spawn(move || worker_submit(ctx, inner_submit, sqpoll, noti_receiver, free_receiver, retry_receiver));
+            .spawn(move || worker_submit(ctx, inner_submit, noti_receiver));
         match submitter {
             Ok(submitter) => Ok(vec![submitter, poller]),
             Err(e) => {
                 // Nothing was submitted: the NOP alone lets the poller exit.
-                let mut sq = SqWriter {
-                    // SAFETY: no submitter thread exists, so this is the only SQ user.
-                    sq: unsafe { inner.ring.submission_shared() },
-                    submitter: inner.ring.submitter(),
-                    sqpoll,
-                };
+                let mut state = inner.submit.lock();
+                let mut sq = inner.sq_writer(&mut state);
                 sq.push(&opcode::Nop::new().build().user_data(SENTINEL_DATA));
                 sq.submit();
                 drop(sq);
+                drop(state);
                 let _ = poller.join();
                 Err(e)
             }
@@ -171,7 +203,7 @@ fn prepare<C: IOCallbackCustom>(event: &mut IOEvent<C>, id: u32) -> Entry {
     entry.user_data(id as u64)
 }
 
-/// The submitter's side of the ring.
+/// The submission queue as seen by the holder of the submit lock.
 struct SqWriter<'a> {
     sq: SubmissionQueue<'a>,
     submitter: Submitter<'a>,
@@ -187,17 +219,23 @@ impl SqWriter<'_> {
             if unsafe { self.sq.push(entry) }.is_ok() {
                 return;
             }
-            // Not reachable with the ring sized depth + 1, but a full queue only
-            // needs the kernel to consume entries.
+            // Not reachable with at most depth entries outstanding, but a full
+            // queue only needs the kernel to consume entries.
             self.submit();
             thread::yield_now();
         }
     }
 
+    /// Publishes the queued SQEs and returns how many the kernel has not
+    /// consumed yet.
+    fn publish(&mut self) -> usize {
+        self.sq.sync();
+        self.sq.len()
+    }
+
     /// Hands every queued SQE to the kernel (one syscall for the batch).
     fn submit(&mut self) {
-        self.sq.sync();
-        while !self.sq.is_empty() {
+        while self.publish() > 0 {
             match self.submitter.submit() {
                 Ok(_) if self.sqpoll => return, // the kernel thread consumes them
                 Ok(_) => {}
@@ -212,7 +250,6 @@ impl SqWriter<'_> {
                     thread::yield_now();
                 }
             }
-            self.sq.sync();
         }
     }
 }
@@ -232,84 +269,94 @@ impl<C: IOCallbackCustom> SlotCollection<C> for UringFiller<'_, '_, C> {
             unreachable!("scheduler exceeded its quota");
         };
         self.ctx.free_slots_count.fetch_sub(1, Ordering::SeqCst);
-        // SAFETY: `id` came from the free list, so this thread owns the slot.
+        // SAFETY: `id` came from the free list, so the lock holder owns the slot.
         let slot = unsafe { self.inner.slot(id) };
         let entry = prepare(slot.event.insert(event), id);
         self.sq.push(&entry);
     }
 }
 
-fn resubmit<C: IOCallbackCustom>(inner: &UringInner<C>, sq: &mut SqWriter<'_>, id: u32) {
-    // SAFETY: the poller sent this id for resubmission and does not touch the
-    // slot until the new request completes.
-    let slot = unsafe { inner.slot(id) };
-    if let Some(event) = slot.event.as_mut() {
-        let entry = prepare(event, id);
-        sq.push(&entry);
+/// One submission step under the submit lock: resubmit short transfers,
+/// take back freed slots, fill them from the queues and write their SQEs.
+/// Returns the SQ writer with the new entries published but not submitted.
+fn submit_step<'a, C: IOCallbackCustom>(
+    ctx: &IoSharedContext<C>,
+    inner: &'a UringInner<C>,
+    state: &mut SubmitState,
+) -> SqWriter<'a> {
+    let mut sq = inner.sq_writer(state);
+    for id in inner.retry_ids.try_iter() {
+        // SAFETY: the poller sent this id for resubmission and does not touch
+        // the slot until the new request completes.
+        let slot = unsafe { inner.slot(id) };
+        if let Some(event) = slot.event.as_mut() {
+            let entry = prepare(event, id);
+            sq.push(&entry);
+        }
     }
+    if ctx.total_count.load(Ordering::SeqCst) > 0 {
+        state.free.extend(inner.free_ids.try_iter());
+        let quota = state.free.len();
+        let mut filler = UringFiller { ctx, inner, free: &mut state.free, sq: &mut sq };
+        poll_request_from_queues(ctx, quota, &mut filler);
+    }
+    sq.publish();
+    sq
 }
 
-fn worker_submit<C: IOCallbackCustom>(
-    ctx: Arc<IoSharedContext<C>>,
-    inner: Arc<UringInner<C>>,
-    sqpoll: bool,
-    noti: Receiver<()>,
-    free_receiver: Receiver<u32>,
-    retry_receiver: Receiver<u32>,
-) {
-    let mut free: Vec<u32> = (0..ctx.depth as u32).rev().collect();
-    let mut sq = SqWriter {
-        // SAFETY: this thread is the only one that ever touches the submission queue.
-        sq: unsafe { inner.ring.submission_shared() },
-        submitter: inner.ring.submitter(),
-        sqpoll,
-    };
+fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<UringInner<C>>, noti: Receiver<()>) {
     loop {
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
-        for id in retry_receiver.try_iter() {
-            resubmit(&inner, &mut sq, id);
-        }
-        if ctx.total_count.load(Ordering::SeqCst) > 0 {
-            if free.is_empty() {
-                free.extend(free_receiver.try_iter());
-            }
-            let quota = free.len();
-            let mut filler = UringFiller { ctx: &ctx, inner: &inner, free: &mut free, sq: &mut sq };
-            poll_request_from_queues(&ctx, quota, &mut filler);
-        }
-        sq.submit();
-
-        if ctx.total_count.load(Ordering::SeqCst) > 0 {
-            if free.is_empty() {
-                // Work waits for a slot: sleep until one frees (or a retry).
-                crossbeam::select! {
-                    recv(free_receiver) -> id => free.extend(id),
-                    recv(retry_receiver) -> id => if let Ok(id) = id { resubmit(&inner, &mut sq, id) },
-                }
-            }
+        let out_of_slots = {
+            let mut state = inner.submit.lock();
+            let mut sq = submit_step(&ctx, &inner, &mut state);
+            sq.submit();
+            state.free.is_empty()
+        };
+        if ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots {
             continue;
         }
         if ctx.drained() {
             break;
         }
-        // Idle: sleep until new work (or a retry). No timeout, no polling.
-        crossbeam::select! {
-            recv(noti) -> _ => {},
-            recv(retry_receiver) -> id => if let Ok(id) = id { resubmit(&inner, &mut sq, id) },
+        // Sleep until new work, a freed slot (only useful when work waits for
+        // one) or a retry. No timeout, no polling.
+        if ctx.total_count.load(Ordering::SeqCst) > 0 {
+            crossbeam::select! {
+                recv(noti) -> _ => {},
+                recv(inner.free_ids) -> id => if let Ok(id) = id { inner.submit.lock().free.push(id) },
+                recv(inner.retry_ids) -> id => if let Ok(id) = id { requeue_retry(&inner, id) },
+            }
+        } else {
+            crossbeam::select! {
+                recv(noti) -> _ => {},
+                recv(inner.retry_ids) -> id => if let Ok(id) = id { requeue_retry(&inner, id) },
+            }
         }
     }
 
-    // Shutdown: the NOP wakes the poller, which drains every slot and exits.
-    // Short transfers may still need resubmitting until then.
-    let nop = opcode::Nop::new().build().user_data(SENTINEL_DATA);
-    sq.push(&nop);
+    // Shutdown: nothing is queued or in flight and every callback returned.
+    // The NOP wakes the poller, which finds every slot free and exits.
+    let mut state = inner.submit.lock();
+    let mut sq = inner.sq_writer(&mut state);
+    sq.push(&opcode::Nop::new().build().user_data(SENTINEL_DATA));
     sq.submit();
-    while let Ok(id) = retry_receiver.recv() {
-        resubmit(&inner, &mut sq, id);
-        sq.submit();
+}
+
+/// A retry id taken off the channel while waiting: issue its request now.
+fn requeue_retry<C: IOCallbackCustom>(inner: &UringInner<C>, id: u32) {
+    let mut state = inner.submit.lock();
+    let mut sq = inner.sq_writer(&mut state);
+    // SAFETY: as in submit_step, the poller handed this slot over for its
+    // next request.
+    let slot = unsafe { inner.slot(id) };
+    if let Some(event) = slot.event.as_mut() {
+        let entry = prepare(event, id);
+        sq.push(&entry);
     }
+    sq.submit();
 }
 
 fn worker_poll<C: IOCallbackCustom>(
@@ -318,6 +365,9 @@ fn worker_poll<C: IOCallbackCustom>(
     free_sender: Sender<u32>,
     retry_sender: Sender<u32>,
 ) {
+    // Callbacks that run inline here queue follow-ups without waking the
+    // submitter: this thread submits them after the batch.
+    let _mark = PollerMark::set(&ctx);
     // SAFETY: this thread is the only one that ever touches the completion queue.
     let mut cq = unsafe { inner.ring.completion_shared() };
     let submitter = inner.ring.submitter();
@@ -331,7 +381,7 @@ fn worker_poll<C: IOCallbackCustom>(
                 continue;
             }
             let id = data as u32;
-            // SAFETY: the kernel returned this slot's request, so the submitter
+            // SAFETY: the kernel returned this slot's request, so its submitter
             // has handed the slot over and does not touch it now.
             let slot = unsafe { inner.slot(id) };
             let Some(event) = slot.event.as_mut() else { continue };
@@ -356,14 +406,39 @@ fn worker_poll<C: IOCallbackCustom>(
         if exiting && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
             return;
         }
-        // SAFETY: plain io_uring_enter with no argument pointer: submit nothing,
-        // wait for at least one completion.
-        match unsafe { submitter.enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None) } {
+        // Submit what the batch queued (follow-ups, retries) ourselves when
+        // the submit lock is free; otherwise the submitter is at work, and a
+        // wake-up makes sure it looks at the queues again.
+        let mut to_submit = 0;
+        if ctx.total_count.load(Ordering::SeqCst) > 0 || !inner.retry_ids.is_empty() {
+            match inner.submit.try_lock() {
+                Some(mut state) => {
+                    let mut sq = submit_step(&ctx, &inner, &mut state);
+                    if inner.sqpoll {
+                        sq.submit();
+                    } else {
+                        to_submit = sq.publish();
+                    }
+                }
+                None => {
+                    let _ = ctx.noti_sender.try_send(());
+                }
+            }
+        }
+        // Submit (if anything) and wait for at least one completion in one call.
+        // SAFETY: plain io_uring_enter with no argument pointer.
+        match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, 1, ENTER_GETEVENTS, None) } {
             Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
             Err(e) => {
-                eprintln!("ioengine: io_uring_enter(wait) failed: {e}; retrying");
-                thread::yield_now();
+                // Entries this call did not take stay in the ring: the
+                // submitter's submit loop retries them.
+                if to_submit > 0 {
+                    let _ = ctx.noti_sender.try_send(());
+                }
+                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) {
+                    eprintln!("ioengine: io_uring_enter(wait) failed: {e}; retrying");
+                    thread::yield_now();
+                }
             }
         }
     }
