@@ -400,14 +400,13 @@ fn worker_poll<C: IOCallbackCustom>(
             }
         }
         cq.sync();
-        if !cq.is_empty() {
-            continue;
-        }
-        if exiting && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
+        let more_ready = !cq.is_empty();
+        if exiting && !more_ready && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
             return;
         }
         // Submit what the batch queued (follow-ups, retries) ourselves when
-        // the submit lock is free; otherwise the submitter is at work, and a
+        // the submit lock is free, before reaping more, so the device never
+        // waits for this loop; otherwise the submitter is at work, and a
         // wake-up makes sure it looks at the queues again.
         let mut to_submit = 0;
         if ctx.total_count.load(Ordering::SeqCst) > 0 || !inner.retry_ids.is_empty() {
@@ -425,9 +424,14 @@ fn worker_poll<C: IOCallbackCustom>(
                 }
             }
         }
-        // Submit (if anything) and wait for at least one completion in one call.
+        if more_ready && to_submit == 0 {
+            continue;
+        }
+        // Submit (if anything) and, unless completions are already waiting,
+        // wait for at least one, in one call.
+        let (min_complete, flags) = if more_ready { (0, 0) } else { (1, ENTER_GETEVENTS) };
         // SAFETY: plain io_uring_enter with no argument pointer.
-        match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, 1, ENTER_GETEVENTS, None) } {
+        match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, min_complete, flags, None) } {
             Ok(_) => {}
             Err(e) => {
                 // Entries this call did not take stay in the ring: the

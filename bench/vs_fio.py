@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""ioe-bench against fio, side by side on the same file and machine.
+
+Each comparison alternates the two tools (ioe, fio, ioe, fio, ...) for
+--pairs pairs so that drift of the machine cancels out, and reports the
+median of every figure and the ratio ioe/fio. Results go to
+bench/results/latest.json, a plot of IOPS against queue depth to
+bench/results/iops_vs_qd.svg, and the table to BENCHMARKS.md.
+
+Usage: python3 bench/vs_fio.py [--ioe-bench PATH] [--file PATH] [--size 1g]
+                                [--runtime 5] [--pairs 3] [--quick]
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIO_ENGINE = {"uring": "io_uring", "aio": "libaio"}
+
+
+def run(cmd):
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return out.stdout
+
+
+def ioe_cmd(args, w):
+    cmd = [args.ioe_bench, "--backend", w["backend"], "--rw", w["rw"], "--bs", "4k", "--iodepth", str(w["qd"]),
+           "--direct", str(w["direct"]), "--filename", args.file, "--size", args.size, "--runtime", str(args.runtime),
+           "--verify", "0", "--json"]
+    if w.get("merge"):
+        cmd += ["--merge", w["merge"]]
+    return cmd
+
+
+def fio_cmd(args, w):
+    cmd = ["fio", "--name=vs-ioe", f"--filename={args.file}", f"--size={args.size}", f"--rw={w['rw']}", "--bs=4k",
+           f"--iodepth={w['qd']}", f"--direct={w['direct']}", f"--ioengine={FIO_ENGINE[w['backend']]}",
+           f"--runtime={args.runtime}", "--time_based", "--numjobs=1", "--output-format=json", "--lat_percentiles=1"]
+    if not w["direct"]:
+        cmd.append("--invalidate=0")  # keep the page cache: the point of the workload
+    return cmd
+
+
+def ioe_figures(out):
+    r = json.loads(out)
+    if r["errors"]:
+        raise RuntimeError(f"ioe-bench reported {r['errors']} errors")
+    lat = r["lat_us"]
+    return {"iops": r["iops"], "mib_s": r["mib_s"], "cpu_us_per_io": r["cpu_us_per_io"], "p50_us": lat["p50"],
+            "p99_us": lat["p99"], "p99_9_us": lat["p99_9"], "max_us": lat["max"],
+            "bytes_per_slot": r["engine_bytes_per_slot"], "rss_kib_end": r["rss_kib_end"]}
+
+
+def fio_figures(out):
+    job = json.loads(out)["jobs"][0]
+    side = job["read"] if job["read"]["total_ios"] else job["write"]
+    if job.get("error"):
+        raise RuntimeError(f"fio reported error {job['error']}")
+    cpu_s = (job["usr_cpu"] + job["sys_cpu"]) / 100.0 * job["job_runtime"] / 1000.0
+    pct = side["lat_ns"]["percentile"]
+    return {"iops": side["iops"], "mib_s": side["bw_bytes"] / 1048576.0,
+            "cpu_us_per_io": cpu_s / side["total_ios"] * 1e6, "p50_us": pct["50.000000"] / 1000.0,
+            "p99_us": pct["99.000000"] / 1000.0, "p99_9_us": pct["99.900000"] / 1000.0,
+            "max_us": side["lat_ns"]["max"] / 1000.0}
+
+
+def medians(runs):
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def compare(args, w):
+    a_runs, b_runs = [], []
+    for _ in range(args.pairs):
+        a_runs.append(ioe_figures(run(ioe_cmd(args, w))))
+        b_runs.append(fio_figures(run(fio_cmd(args, w))))
+    a, b = medians(a_runs), medians(b_runs)
+    ratio = {k: a[k] / b[k] if b[k] else None for k in b}
+    print(f"  {w['label']:<44} ioe {a['iops']:>10.0f} IOPS  fio {b['iops']:>10.0f} IOPS  ratio {ratio['iops']:.2f}"
+          f"  cpu/io {ratio['cpu_us_per_io']:.2f}x  p50 {ratio['p50_us']:.2f}x", flush=True)
+    return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "ioe_runs": a_runs, "fio_runs": b_runs,
+            "ioe_command": shlex.join(ioe_cmd(args, w)), "fio_command": shlex.join(fio_cmd(args, w))}
+
+
+def merge_pair(args, w_merged, w_plain):
+    merged, plain = [], []
+    for _ in range(args.pairs):
+        merged.append(ioe_figures(run(ioe_cmd(args, w_merged))))
+        plain.append(ioe_figures(run(ioe_cmd(args, w_plain))))
+    m, p = medians(merged), medians(plain)
+    ratio = m["mib_s"] / p["mib_s"]
+    print(f"  {w_merged['label']:<44} merged {m['mib_s']:.0f} MiB/s  unmerged {p['mib_s']:.0f} MiB/s  ratio {ratio:.2f}",
+          flush=True)
+    return {"workload": w_merged, "merged": m, "unmerged": p, "ratio_mib_s": ratio,
+            "merged_command": shlex.join(ioe_cmd(args, w_merged)), "unmerged_command": shlex.join(ioe_cmd(args, w_plain))}
+
+
+def machine(args):
+    def first(cmd):
+        try:
+            return run(cmd).strip()
+        except Exception:
+            return "unknown"
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "memory_gib": round(mem_kib / 1048576, 1),
+            "kernel": platform.release(), "fio": first(["fio", "--version"]),
+            "filesystem": first(["stat", "-f", "-c", "%T", os.path.dirname(os.path.abspath(args.file))]),
+            "device": first(["sh", "-c", "lsblk -dno NAME,MODEL,ROTA,SIZE $(df --output=source "
+                             + shlex.quote(os.path.dirname(os.path.abspath(args.file))) + " | tail -1) 2>/dev/null"])}
+
+
+def svg_plot(points, path):
+    """IOPS against queue depth, one line per tool and backend, log2 x axis."""
+    series = {}
+    for p in points:
+        w = p["workload"]
+        for tool in ("ioe", "fio"):
+            name = f"ioe-bench {w['backend']}" if tool == "ioe" else f"fio {FIO_ENGINE[w['backend']]}"
+            series.setdefault(name, []).append((w["qd"], p[tool]["iops"]))
+    qds = sorted({q for s in series.values() for q, _ in s})
+    ymax = max(v for s in series.values() for _, v in s) * 1.1
+    W, H, L, R, T, B = 720, 440, 80, 190, 40, 50
+    import math
+    lq = [math.log2(q) for q in qds]
+    def x(q):
+        return L + (math.log2(q) - lq[0]) / max(lq[-1] - lq[0], 1) * (W - L - R)
+    def y(v):
+        return H - B - v / ymax * (H - T - B)
+    colors = {"ioe-bench uring": "#1f77b4", "fio io_uring": "#aec7e8", "ioe-bench aio": "#d62728", "fio libaio": "#ff9896"}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">4 KiB random read, O_DIRECT: IOPS against queue depth</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">queue depth</text>']
+    for q in qds:
+        out.append(f'<text x="{x(q):.1f}" y="{H - B + 16}" text-anchor="middle">{q}</text>')
+    for i in range(6):
+        v = ymax * i / 5
+        out.append(f'<line x1="{L - 4}" y1="{y(v):.1f}" x2="{W - R}" y2="{y(v):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{L - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{v / 1000:.0f}k</text>')
+    for n, (name, pts) in enumerate(sorted(series.items())):
+        pts.sort()
+        dash = "" if name.startswith("ioe") else ' stroke-dasharray="6,4"'
+        path_d = " ".join(f"{'M' if i == 0 else 'L'}{x(q):.1f},{y(v):.1f}" for i, (q, v) in enumerate(pts))
+        color = colors.get(name, "black")
+        out.append(f'<path d="{path_d}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        for q, v in pts:
+            out.append(f'<circle cx="{x(q):.1f}" cy="{y(v):.1f}" r="3" fill="{color}"/>')
+        ly = T + 20 + n * 20
+        out.append(f'<line x1="{W - R + 15}" y1="{ly}" x2="{W - R + 45}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{W - R + 52}" y="{ly + 4}">{name}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def write_markdown(results, path):
+    m = results["machine"]
+    lines = ["# Benchmarks: ioe-bench against fio", "",
+             f"Measured {results['date']} with `python3 bench/vs_fio.py {results['arguments']}`: each row alternates "
+             f"ioe-bench and fio {results['pairs']} times on the same file (ioe, fio, ioe, fio, ...) and shows medians; "
+             "ratio = ioe / fio. CPU per I/O is the process's user + system time over the I/Os done (for fio, "
+             "from its usr/sys percentages). Latency is submission to completion.", "",
+             f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
+             f"{m['filesystem']} on `{m['device']}`, {m['fio']}, ioengine {results['ioengine_version']}.", "",
+             "| workload | ioe IOPS | fio IOPS | IOPS ratio | ioe CPU/IO us | fio CPU/IO us | CPU ratio | ioe p50 us | fio p50 us | p50 ratio | ioe p99 us | fio p99 us |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in results["comparisons"]:
+        a, b, r = c["ioe"], c["fio"], c["ratio"]
+        lines.append(f"| {c['workload']['label']} | {a['iops']:.0f} | {b['iops']:.0f} | {r['iops']:.2f} | "
+                     f"{a['cpu_us_per_io']:.2f} | {b['cpu_us_per_io']:.2f} | {r['cpu_us_per_io']:.2f} | "
+                     f"{a['p50_us']:.1f} | {b['p50_us']:.1f} | {r['p50_us']:.2f} | {a['p99_us']:.1f} | {b['p99_us']:.1f} |")
+    lines += ["", "| merging (ioe-bench only) | merged MiB/s | unmerged MiB/s | ratio |", "| --- | ---: | ---: | ---: |"]
+    for c in results["merging"]:
+        lines.append(f"| {c['workload']['label']} | {c['merged']['mib_s']:.0f} | {c['unmerged']['mib_s']:.0f} | "
+                     f"{c['ratio_mib_s']:.2f} |")
+    slot = [c["ioe"]["bytes_per_slot"] for c in results["comparisons"] if c["workload"]["backend"] == "uring"]
+    slot_aio = [c["ioe"]["bytes_per_slot"] for c in results["comparisons"] if c["workload"]["backend"] == "aio"]
+    lines += ["", f"Engine memory per in-flight slot (ring/AIO share, slot, request record): io_uring "
+              f"{max(slot) if slot else 0} bytes, AIO {max(slot_aio) if slot_aio else 0} bytes.", "",
+              "![IOPS against queue depth](bench/results/iops_vs_qd.svg)", "", "## Exact commands", ""]
+    for c in results["comparisons"]:
+        lines += [f"- {c['workload']['label']}:", f"  - `{c['ioe_command']}`", f"  - `{c['fio_command']}`"]
+    for c in results["merging"]:
+        lines += [f"- {c['workload']['label']}:", f"  - `{c['merged_command']}`", f"  - `{c['unmerged_command']}`"]
+    lines += ["", "Raw runs and medians: `bench/results/latest.json`.", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ioe-bench", default=os.path.join(ROOT, "build", "bench", "ioe-bench"))
+    p.add_argument("--file", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "ioe-vs-fio.dat"))
+    p.add_argument("--size", default="1g")
+    p.add_argument("--runtime", type=float, default=5)
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fewer queue depths (1, 32, 128)")
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
+    p.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    args = p.parse_args()
+    if args.pairs < 3:
+        sys.exit("vs_fio: at least 3 pairs are needed for a meaningful median")
+    if not os.path.exists(args.ioe_bench):
+        sys.exit(f"vs_fio: {args.ioe_bench} not found; build it with: bash scripts/run-bench.sh --help")
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    # The file is written in full once, so reads hit real blocks.
+    print(f"writing {args.size} to {args.file}", flush=True)
+    run(["fio", "--name=fill", f"--filename={args.file}", f"--size={args.size}", "--rw=write", "--bs=1m",
+         "--direct=1", "--ioengine=psync", "--output-format=json"])
+
+    qds = [1, 32, 128] if args.quick else [1, 4, 16, 32, 64, 128]
+    comparisons = []
+    print("O_DIRECT 4 KiB random read (workloads 1 and 2)", flush=True)
+    for backend in ("uring", "aio"):
+        for qd in qds:
+            comparisons.append(compare(args, {"label": f"randread 4k direct QD{qd} {backend}", "backend": backend,
+                                              "rw": "randread", "qd": qd, "direct": 1}))
+    print("page-cache 4 KiB random read (workload 3)", flush=True)
+    subprocess.run(["cat", args.file], stdout=subprocess.DEVNULL, check=True)  # warm the cache
+    for backend in ("uring", "aio"):
+        comparisons.append(compare(args, {"label": f"randread 4k page cache QD32 {backend}", "backend": backend,
+                                          "rw": "randread", "qd": 32, "direct": 0}))
+    print("4 KiB sequential writes, merged up to 128 KiB against unmerged (workload 4)", flush=True)
+    merging = []
+    for backend in ("uring", "aio"):
+        base = {"backend": backend, "rw": "write", "qd": 128, "direct": 1}
+        merging.append(merge_pair(args, dict(base, label=f"seq write 4k direct QD128 {backend}", merge="128k"),
+                                  dict(base, label=f"seq write 4k direct QD128 {backend} (unmerged)")))
+
+    version = json.loads(run([args.ioe_bench, "--rw", "randread", "--number", "1", "--filename", args.file,
+                              "--size", args.size, "--verify", "0", "--json"]))["version"]
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "arguments": " ".join(shlex.quote(a) for a in sys.argv[1:]), "pairs": args.pairs,
+               "ioengine_version": version, "machine": machine(args), "comparisons": comparisons, "merging": merging}
+    with open(os.path.join(args.out_dir, "latest.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    direct_points = [c for c in comparisons if c["workload"]["direct"]]
+    svg_plot(direct_points, os.path.join(args.out_dir, "iops_vs_qd.svg"))
+    write_markdown(results, args.markdown)
+    print(f"wrote {args.out_dir}/latest.json, {args.out_dir}/iops_vs_qd.svg and {args.markdown}")
+    os.unlink(args.file)
+
+
+if __name__ == "__main__":
+    main()
