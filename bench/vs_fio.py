@@ -191,6 +191,9 @@ def write_markdown(results, path):
     slot_aio = [c["ioe"]["bytes_per_slot"] for c in results["comparisons"] if c["workload"]["backend"] == "aio"]
     lines += ["", f"Engine memory per in-flight slot (ring/AIO share, slot, request record): io_uring "
               f"{max(slot) if slot else 0} bytes, AIO {max(slot_aio) if slot_aio else 0} bytes.", "",
+              "", f"Long run: {results['soak']['ios']} verified random 4 KiB reads and writes in "
+              f"{results['soak']['seconds']:.0f} s; RSS {results['soak']['rss_kib_start']} KiB after set-up, "
+              f"{results['soak']['rss_kib_end']} KiB at the end (`{results['soak']['command']}`).", "",
               "![IOPS against queue depth](bench/results/iops_vs_qd.svg)", "", "## Exact commands", ""]
     for c in results["comparisons"]:
         lines += [f"- {c['workload']['label']}:", f"  - `{c['ioe_command']}`", f"  - `{c['fio_command']}`"]
@@ -209,6 +212,7 @@ def main():
     p.add_argument("--runtime", type=float, default=5)
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer queue depths (1, 32, 128)")
+    p.add_argument("--soak", type=float, default=60, help="seconds of the long run that checks RSS stays flat")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
     args = p.parse_args()
@@ -238,15 +242,25 @@ def main():
     print("4 KiB sequential writes, merged up to 128 KiB against unmerged (workload 4)", flush=True)
     merging = []
     for backend in ("uring", "aio"):
-        base = {"backend": backend, "rw": "write", "qd": 128, "direct": 1}
-        merging.append(merge_pair(args, dict(base, label=f"seq write 4k direct QD128 {backend}", merge="128k"),
-                                  dict(base, label=f"seq write 4k direct QD128 {backend} (unmerged)")))
+        for direct, kind in ((0, "page cache"), (1, "direct")):
+            base = {"backend": backend, "rw": "write", "qd": 128, "direct": direct}
+            merging.append(merge_pair(args, dict(base, label=f"seq write 4k {kind} QD128 {backend}", merge="128k"),
+                                      dict(base, label=f"seq write 4k {kind} QD128 {backend} (unmerged)")))
+
+    print(f"long run: {args.soak:.0f} s of 4 KiB random read/write, RSS at start and end", flush=True)
+    soak_cmd = [args.ioe_bench, "--rw", "randrw", "--iodepth", "32", "--direct", "1", "--filename", args.file,
+                "--size", args.size, "--runtime", str(args.soak), "--verify", "1", "--json"]
+    soak = json.loads(run(soak_cmd))
+    soak = {"command": shlex.join(soak_cmd), "seconds": soak["seconds"], "ios": soak["ios"],
+            "rss_kib_start": soak["rss_kib_start"], "rss_kib_end": soak["rss_kib_end"], "errors": soak["errors"],
+            "verify_mismatches": soak["verify_mismatches"]}
+    print(f"  RSS {soak['rss_kib_start']} KiB at start, {soak['rss_kib_end']} KiB after {soak['ios']} I/Os", flush=True)
 
     version = json.loads(run([args.ioe_bench, "--rw", "randread", "--number", "1", "--filename", args.file,
                               "--size", args.size, "--verify", "0", "--json"]))["version"]
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "arguments": " ".join(shlex.quote(a) for a in sys.argv[1:]), "pairs": args.pairs,
-               "ioengine_version": version, "machine": machine(args), "comparisons": comparisons, "merging": merging}
+               "ioengine_version": version, "machine": machine(args), "comparisons": comparisons, "merging": merging, "soak": soak}
     with open(os.path.join(args.out_dir, "latest.json"), "w") as f:
         json.dump(results, f, indent=1)
     direct_points = [c for c in comparisons if c["workload"]["direct"]]
