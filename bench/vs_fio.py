@@ -25,12 +25,12 @@ FIO_ENGINE = {"uring": "io_uring", "aio": "libaio"}
 
 
 def run(cmd):
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return out.stdout
 
 
 def ioe_cmd(args, w):
-    cmd = [args.ioe_bench, "--backend", w["backend"], "--rw", w["rw"], "--bs", "4k", "--iodepth", str(w["qd"]),
+    cmd = [os.path.relpath(args.ioe_bench, ROOT) if args.ioe_bench.startswith(ROOT) else args.ioe_bench, "--backend", w["backend"], "--rw", w["rw"], "--bs", "4k", "--iodepth", str(w["qd"]),
            "--direct", str(w["direct"]), "--filename", args.file, "--size", args.size, "--runtime", str(args.runtime),
            "--verify", "0", "--json"]
     if w.get("merge"):
@@ -248,7 +248,7 @@ def main():
                                       dict(base, label=f"seq write 4k {kind} QD128 {backend} (unmerged)")))
 
     print(f"long run: {args.soak:.0f} s of 4 KiB random read/write, RSS at start and end", flush=True)
-    soak_cmd = [args.ioe_bench, "--rw", "randrw", "--iodepth", "32", "--direct", "1", "--filename", args.file,
+    soak_cmd = [ioe_cmd(args, {"backend": "auto", "rw": "randrw", "qd": 32, "direct": 1})[0], "--rw", "randrw", "--iodepth", "32", "--direct", "1", "--filename", args.file,
                 "--size", args.size, "--runtime", str(args.soak), "--verify", "1", "--json"]
     soak = json.loads(run(soak_cmd))
     soak = {"command": shlex.join(soak_cmd), "seconds": soak["seconds"], "ios": soak["ios"],
