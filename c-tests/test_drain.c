@@ -69,13 +69,7 @@ static void run(uint32_t backend, struct ioe_workers *workers) {
 }
 
 int main(void) {
-    struct ioe_workers *pool = NULL;
-    CHECK_EQ(ioe_workers_create(3, &pool), 0);
-    for (int b = 0; b < 2; b++) {
-        run(BACKENDS[b], NULL);
-        run(BACKENDS[b], pool);
-    }
-    ioe_workers_destroy(pool);
+    run_matrix(run, 3);
     printf("drain: ok\n");
     return 0;
 }

@@ -130,16 +130,13 @@ static void sync_ops_and_eof(uint32_t backend, struct ioe_workers *workers) {
     close(fd);
 }
 
+static void run(uint32_t backend, struct ioe_workers *workers) {
+    random_write_read(backend, workers);
+    sync_ops_and_eof(backend, workers);
+}
+
 int main(void) {
-    struct ioe_workers *pool = NULL;
-    CHECK_EQ(ioe_workers_create(2, &pool), 0);
-    for (int b = 0; b < 2; b++) {
-        random_write_read(BACKENDS[b], NULL);
-        random_write_read(BACKENDS[b], pool);
-        sync_ops_and_eof(BACKENDS[b], NULL);
-        sync_ops_and_eof(BACKENDS[b], pool);
-    }
-    CHECK_EQ(ioe_workers_destroy(pool), 0);
+    run_matrix(run, 2);
     printf("io: ok\n");
     return 0;
 }

@@ -167,6 +167,18 @@ static inline struct ioe_context *open_context(uint32_t backend, uint32_t depth,
     return ctx;
 }
 
+/* Runs `run` on both backends, with inline callbacks and with a pool of
+ * `pool_threads` callback threads. */
+static inline void run_matrix(void (*run)(uint32_t backend, struct ioe_workers *workers), uint32_t pool_threads) {
+    struct ioe_workers *pool = NULL;
+    CHECK_EQ(ioe_workers_create(pool_threads, &pool), 0);
+    for (int b = 0; b < 2; b++) {
+        run(BACKENDS[b], NULL);
+        run(BACKENDS[b], pool);
+    }
+    CHECK_EQ(ioe_workers_destroy(pool), 0);
+}
+
 /* Open file descriptors of this process, to check nothing leaks. */
 static inline int count_open_fds(void) {
     DIR *d = opendir("/proc/self/fd");

@@ -9,7 +9,6 @@
 //! a private memfd, which completes at once. The same zero-length read with
 //! the sentinel tag is the shutdown signal.
 
-use std::cell::UnsafeCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
@@ -23,7 +22,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{neg_errno, SENTINEL_DATA};
+use crate::driver::{neg_errno, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// The kernel's AIO ABI (`linux/aio_abi.h`), written out here so the crate
@@ -164,7 +163,7 @@ unsafe impl Send for SubmitState {}
 struct AioInner<C: IOCallbackCustom> {
     context: aio_context_t,
     destroyed: AtomicBool,
-    slots: Box<[UnsafeCell<AioSlot<C>>]>,
+    slots: SlotTable<AioSlot<C>>,
     /// Private memfd that zero-length reads (wake-ups, sentinel) target.
     wake_file: OwnedFd,
     /// Held while filling slots and submitting: by the submitter thread, or
@@ -175,19 +174,12 @@ struct AioInner<C: IOCallbackCustom> {
     free_ids: Receiver<u32>,
 }
 
-// SAFETY: a slot is used by one thread at a time; it passes between the
-// holder of the submit lock, the kernel, the poller and the helper through
-// io_submit / io_getevents, the lock and channels, each a happens-before edge.
-unsafe impl<C: IOCallbackCustom> Sync for AioInner<C> {}
-// SAFETY: as above; events are Send.
-unsafe impl<C: IOCallbackCustom> Send for AioInner<C> {}
-
 impl<C: IOCallbackCustom> AioInner<C> {
     /// # Safety
-    /// The caller must own slot `id` at this moment (see the Sync impl).
+    /// The caller must own slot `id` at this moment (see `SlotTable`).
     #[allow(clippy::mut_from_ref)]
     unsafe fn slot(&self, id: u32) -> &mut AioSlot<C> {
-        &mut *self.slots[id as usize].get()
+        self.slots.get(id)
     }
 
     fn destroy(&self) {
@@ -335,9 +327,7 @@ impl AioDriver {
         unsafe { abi::io_setup(nr_events, &mut context)? };
 
         ctx.driver_bytes.store(memory_bytes::<C>(depth), Ordering::Relaxed);
-        let slots = (0..depth)
-            .map(|_| UnsafeCell::new(AioSlot { event: None, iocb: iocb::default(), parked_result: None }))
-            .collect();
+        let slots = SlotTable::new(depth, || AioSlot { event: None, iocb: iocb::default(), parked_result: None });
         let (free_sender, free_ids) = channel::bounded(depth);
         let submit =
             Mutex::new(SubmitState { free: (0..depth as u32).rev().collect(), batch: Vec::with_capacity(depth) });

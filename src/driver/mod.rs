@@ -5,6 +5,7 @@
 pub mod aio;
 pub mod uring;
 
+use std::cell::UnsafeCell;
 use std::fmt;
 use std::io;
 use std::str::FromStr;
@@ -95,6 +96,32 @@ pub(crate) fn start<C: IOCallbackCustom>(
             Ok(threads) => Ok((Backend::Uring, threads)),
             Err(_) => AioDriver::start(shared.clone(), opts, noti_receiver).map(|t| (Backend::Aio, t)),
         },
+    }
+}
+
+/// A driver's slots, one per I/O that may be in flight. A slot is used by
+/// one thread at a time: whoever holds the submit lock fills it, the kernel
+/// owns it while the I/O is in flight, the poller (or the AIO helper) takes
+/// the result, and the id goes back through a channel. Each of those steps
+/// is a happens-before edge, so no slot is ever touched by two threads at once.
+pub(crate) struct SlotTable<S> {
+    slots: Box<[UnsafeCell<S>]>,
+}
+
+// SAFETY: see the type's documentation: slot ownership passes between threads
+// only along happens-before edges, and the slots' contents are Send.
+unsafe impl<S: Send> Sync for SlotTable<S> {}
+
+impl<S> SlotTable<S> {
+    pub(crate) fn new(depth: usize, make: impl Fn() -> S) -> Self {
+        SlotTable { slots: (0..depth).map(|_| UnsafeCell::new(make())).collect() }
+    }
+
+    /// # Safety
+    /// The caller must own slot `id` at this moment (see the type's documentation).
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn get(&self, id: u32) -> &mut S {
+        &mut *self.slots[id as usize].get()
     }
 }
 

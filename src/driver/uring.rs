@@ -11,7 +11,6 @@
 //! I/Os are in flight and the shutdown NOP is sent only when none is, so
 //! neither queue can overflow.
 
-use std::cell::UnsafeCell;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::SENTINEL_DATA;
+use crate::driver::{SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
@@ -55,7 +54,7 @@ struct SubmitState {
 
 struct UringInner<C: IOCallbackCustom> {
     ring: IoUring,
-    slots: Box<[UnsafeCell<UringSlot<C>>]>,
+    slots: SlotTable<UringSlot<C>>,
     sqpoll: bool,
     /// Held while filling slots and writing SQEs.
     submit: Mutex<SubmitState>,
@@ -65,20 +64,12 @@ struct UringInner<C: IOCallbackCustom> {
     retry_ids: Receiver<u32>,
 }
 
-// SAFETY: a slot is used by one thread at a time: the holder of `submit`
-// fills it, the kernel owns it while in flight, the poller takes the result
-// and hands the id back through a channel (each step a happens-before edge).
-// The SQ is only written under `submit`; the CQ only by the poller.
-unsafe impl<C: IOCallbackCustom> Sync for UringInner<C> {}
-// SAFETY: as above; events are Send.
-unsafe impl<C: IOCallbackCustom> Send for UringInner<C> {}
-
 impl<C: IOCallbackCustom> UringInner<C> {
     /// # Safety
-    /// The caller must own slot `id` at this moment (see the Sync impl).
+    /// The caller must own slot `id` at this moment (see `SlotTable`).
     #[allow(clippy::mut_from_ref)]
     unsafe fn slot(&self, id: u32) -> &mut UringSlot<C> {
-        &mut *self.slots[id as usize].get()
+        self.slots.get(id)
     }
 
     /// The submission queue, for the holder of `submit`.
@@ -149,7 +140,7 @@ impl UringDriver {
     ) -> io::Result<Vec<JoinHandle<()>>> {
         let ring = build_ring(opts)?;
         ctx.driver_bytes.store(memory_bytes::<C>(&ring, ctx.depth), Ordering::Relaxed);
-        let slots = (0..ctx.depth).map(|_| UnsafeCell::new(UringSlot { event: None })).collect();
+        let slots = SlotTable::new(ctx.depth, || UringSlot { event: None });
         // Each slot id is in at most one message at a time, so `depth`
         // capacity never blocks the poller.
         let (free_sender, free_ids) = channel::bounded(ctx.depth);
