@@ -646,9 +646,9 @@ int main(int argc, char **argv) {
         if (now - last_t >= 1000000000ull && b->jobs_active > 0) {
             uint64_t ios = total_ios(b);
             double secs = (double)(now - last_t) / 1e9;
-            fprintf(stderr, "[%5.1fs] %10.0f IOPS %9.1f MiB/s  in flight %" PRId64 "\n", (double)(now - t_start) / 1e9,
-                    (double)(ios - last_ios) / secs, (double)(ios - last_ios) * (double)o->bs / secs / 1048576.0,
-                    ioe_context_running(b->ctx));
+            fprintf(stderr, "[%5.1fs] %10.0f IOPS %9.1f MiB/s  in flight %" PRId64 "  RSS %ld KiB\n",
+                    (double)(now - t_start) / 1e9, (double)(ios - last_ios) / secs,
+                    (double)(ios - last_ios) * (double)o->bs / secs / 1048576.0, ioe_context_running(b->ctx), rss_kib());
             last_ios = ios;
             last_t = now;
         }
