@@ -185,16 +185,8 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
 
     /// Hands a completed event (or each event of a completed merge) to its
     /// callback. Called by the driver threads only.
-    pub(crate) fn complete(&self, mut event: Box<IOEvent<C>>) {
-        if !event.is_merged() {
-            self.finish_one(event);
-            return;
-        }
-        let mut subs = event.split_merged();
-        drop(event);
-        while let Some(sub) = subs.pop_front() {
-            self.finish_one(sub);
-        }
+    pub(crate) fn complete(&self, event: Box<IOEvent<C>>) {
+        event.for_each_user_event(|user_event| self.finish_one(user_event));
     }
 
     fn finish_one(&self, event: Box<IOEvent<C>>) {
@@ -220,15 +212,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
     /// a merge submitter had already accepted when the context shut down).
     pub(crate) fn fail_unsubmitted(&self, mut event: Box<IOEvent<C>>, errno: i32) {
         event.fail(errno);
-        let mut subs = event.split_merged();
-        if subs.is_empty() {
-            event.run_callback();
-        } else {
-            drop(event);
-            while let Some(sub) = subs.pop_front() {
-                sub.run_callback();
-            }
-        }
+        event.for_each_user_event(|user_event| user_event.run_callback());
     }
 
     pub(crate) fn in_flight(&self) -> usize {

@@ -509,7 +509,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     /// events in offset order and returns them, each with its own result.
     /// Bytes transferred cover a prefix of the sub-events; a sub-event after
     /// that prefix gets the error (if the merged I/O failed) or 0 (end of file).
-    pub(crate) fn split_merged(&mut self) -> EmbeddedList<C> {
+    fn split_merged(&mut self) -> EmbeddedList<C> {
         // Every completion path leaves `done` as the bytes actually transferred.
         let transferred = self.done;
         let error = self.last_error as i64;
@@ -530,6 +530,20 @@ impl<C: IOCallbackCustom> IOEvent<C> {
             start = end;
         }
         subs
+    }
+
+    /// Calls `f` with each user event this event stands for: itself, or for a
+    /// merged carrier each original event with its share of the result.
+    pub(crate) fn for_each_user_event(mut self: Box<Self>, mut f: impl FnMut(Box<IOEvent<C>>)) {
+        if !self.is_merged() {
+            f(self);
+            return;
+        }
+        let mut subs = self.split_merged();
+        drop(self);
+        while let Some(sub) = subs.pop_front() {
+            f(sub);
+        }
     }
 
     /// Runs the callback, consuming the event. Events without a callback are

@@ -296,7 +296,7 @@ fn memory_bytes<C: IOCallbackCustom>(depth: usize) -> usize {
         + std::mem::size_of::<u32>()
         + channel_slot
         + std::mem::size_of::<*mut iocb>();
-    let events = (depth + 1).min(MAX_EVENTS_PER_POLL) * std::mem::size_of::<io_event>();
+    let events = depth.min(MAX_EVENTS_PER_POLL) * std::mem::size_of::<io_event>();
     let kernel_ring = depth * std::mem::size_of::<io_event>();
     depth * per_slot + events + kernel_ring
 }
@@ -501,13 +501,46 @@ fn worker_submit<C: IOCallbackCustom>(
     }
 }
 
+/// The poller's side of submission: slots it freed go straight back into
+/// the free list and the queued follow-ups are submitted, when the submit
+/// lock is free. Otherwise the lock holder (the submitter) gets the ids
+/// through the channel and a wake-up.
+fn hand_back<C: IOCallbackCustom>(
+    ctx: &IoSharedContext<C>,
+    inner: &AioInner<C>,
+    freed: &mut Vec<u32>,
+    free_sender: &Sender<u32>,
+    helper: &Sender<u32>,
+) {
+    let work = ctx.total_count.load(Ordering::SeqCst) > 0;
+    if freed.is_empty() && !work {
+        return;
+    }
+    match inner.submit.try_lock() {
+        Some(mut state) => {
+            state.free.append(freed);
+            submit_step(ctx, inner, &mut state, helper);
+        }
+        None => {
+            // The submitter may have exited during shutdown; then nobody
+            // needs the ids.
+            for id in freed.drain(..) {
+                let _ = free_sender.send(id);
+            }
+            if work {
+                let _ = ctx.noti_sender.try_send(());
+            }
+        }
+    }
+}
+
 /// Applies a result to slot `id`: completes the event, or issues the next
 /// request for the rest of a short transfer (from this thread, since
 /// io_submit is thread-safe).
 fn handle_result<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &AioInner<C>,
-    free_sender: &Sender<u32>,
+    freed: &mut Vec<u32>,
     helper: &Sender<u32>,
     id: u32,
     mut result: i64,
@@ -520,8 +553,7 @@ fn handle_result<C: IOCallbackCustom>(
             Progress::Complete => {
                 let event = slot.event.take();
                 ctx.free_slots_count.fetch_add(1, Ordering::SeqCst);
-                // The submitter may have exited during shutdown; then nobody needs the id.
-                let _ = free_sender.send(id);
+                freed.push(id);
                 if let Some(event) = event {
                     ctx.complete(event);
                 }
@@ -550,8 +582,9 @@ fn worker_poll<C: IOCallbackCustom>(
     // Callbacks that run inline here queue follow-ups without waking the
     // submitter: this thread submits them after the batch.
     let _mark = PollerMark::set(&ctx);
-    let capacity = (ctx.depth + 1).min(MAX_EVENTS_PER_POLL);
+    let capacity = ctx.depth.min(MAX_EVENTS_PER_POLL);
     let mut events = vec![io_event::default(); capacity];
+    let mut freed: Vec<u32> = Vec::with_capacity(ctx.depth);
     let mut exiting = false;
     loop {
         // SAFETY: `events` has room for `capacity` entries; a null timeout
@@ -569,10 +602,8 @@ fn worker_poll<C: IOCallbackCustom>(
             // In a long batch, submit the follow-ups queued so far every few
             // completions rather than at the end, so the device gets work back
             // sooner.
-            if n > 0 && n % FLUSH_EVERY == 0 && ctx.total_count.load(Ordering::SeqCst) > 0 {
-                if let Some(mut state) = inner.submit.try_lock() {
-                    submit_step(&ctx, &inner, &mut state, &helper);
-                }
+            if n > 0 && n % FLUSH_EVERY == 0 {
+                hand_back(&ctx, &inner, &mut freed, &free_sender, &helper);
             }
             if info.data == SENTINEL_DATA {
                 exiting = true;
@@ -581,23 +612,13 @@ fn worker_poll<C: IOCallbackCustom>(
             let id = info.data as u32;
             // SAFETY: this completion hands slot `id` to this thread.
             let parked = unsafe { inner.slot(id) }.parked_result.take();
-            handle_result(&ctx, &inner, &free_sender, &helper, id, parked.unwrap_or(info.res));
+            handle_result(&ctx, &inner, &mut freed, &helper, id, parked.unwrap_or(info.res));
         }
         if exiting && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
             inner.destroy();
             return;
         }
-        // Submit what the batch queued ourselves when the submit lock is free;
-        // otherwise the submitter is at work, and a wake-up makes sure it
-        // looks at the queues again.
-        if ctx.total_count.load(Ordering::SeqCst) > 0 {
-            match inner.submit.try_lock() {
-                Some(mut state) => submit_step(&ctx, &inner, &mut state, &helper),
-                None => {
-                    let _ = ctx.noti_sender.try_send(());
-                }
-            }
-        }
+        hand_back(&ctx, &inner, &mut freed, &free_sender, &helper);
     }
 }
 

@@ -277,13 +277,7 @@ fn submit_step<'a, C: IOCallbackCustom>(
 ) -> SqWriter<'a> {
     let mut sq = inner.sq_writer(state);
     for id in inner.retry_ids.try_iter() {
-        // SAFETY: the poller sent this id for resubmission and does not touch
-        // the slot until the new request completes.
-        let slot = unsafe { inner.slot(id) };
-        if let Some(event) = slot.event.as_mut() {
-            let entry = prepare(event, id);
-            sq.push(&entry);
-        }
+        push_next_request(inner, &mut sq, id);
     }
     if ctx.total_count.load(Ordering::SeqCst) > 0 {
         state.free.extend(inner.free_ids.try_iter());
@@ -336,18 +330,15 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
     sq.submit();
 }
 
-/// Completions handled in a batch before the poller submits the follow-ups
-/// queued so far (one `io_uring_enter` per this many I/Os at most).
-const FLUSH_EVERY: usize = 4;
-
-/// Mid-batch submission by the poller, if the submit lock is free (if not,
-/// the lock holder submits them).
-fn flush_follow_ups<C: IOCallbackCustom>(ctx: &IoSharedContext<C>, inner: &UringInner<C>) {
-    if ctx.total_count.load(Ordering::SeqCst) == 0 {
-        return;
-    }
-    if let Some(mut state) = inner.submit.try_lock() {
-        submit_step(ctx, inner, &mut state).submit();
+/// Writes the SQE for the next request of slot `id` (a short transfer's
+/// remainder, or a transient error's retry).
+fn push_next_request<C: IOCallbackCustom>(inner: &UringInner<C>, sq: &mut SqWriter<'_>, id: u32) {
+    // SAFETY: the poller sent this id for its next request and does not touch
+    // the slot until that request completes.
+    let slot = unsafe { inner.slot(id) };
+    if let Some(event) = slot.event.as_mut() {
+        let entry = prepare(event, id);
+        sq.push(&entry);
     }
 }
 
@@ -355,14 +346,55 @@ fn flush_follow_ups<C: IOCallbackCustom>(ctx: &IoSharedContext<C>, inner: &Uring
 fn requeue_retry<C: IOCallbackCustom>(inner: &UringInner<C>, id: u32) {
     let mut state = inner.submit.lock();
     let mut sq = inner.sq_writer(&mut state);
-    // SAFETY: as in submit_step, the poller handed this slot over for its
-    // next request.
-    let slot = unsafe { inner.slot(id) };
-    if let Some(event) = slot.event.as_mut() {
-        let entry = prepare(event, id);
-        sq.push(&entry);
-    }
+    push_next_request(inner, &mut sq, id);
     sq.submit();
+}
+
+/// Completions handled in a batch before the poller submits the follow-ups
+/// queued so far (one `io_uring_enter` per this many I/Os at most).
+const FLUSH_EVERY: usize = 4;
+
+/// The poller's side of submission: slots it freed go straight back into
+/// the free list and the queued follow-ups and retries get their SQEs, when
+/// the submit lock is free. Otherwise the lock holder (the submitter) gets
+/// the ids through the channel and a wake-up. `submit_now` hands the SQEs to
+/// the kernel at once; if false, the number published but not yet submitted
+/// is returned, for the poller's next `io_uring_enter`.
+fn hand_back<C: IOCallbackCustom>(
+    ctx: &IoSharedContext<C>,
+    inner: &UringInner<C>,
+    freed: &mut Vec<u32>,
+    free_sender: &Sender<u32>,
+    submit_now: bool,
+) -> usize {
+    let work = ctx.total_count.load(Ordering::SeqCst) > 0 || !inner.retry_ids.is_empty();
+    if freed.is_empty() && !work {
+        return 0;
+    }
+    match inner.submit.try_lock() {
+        Some(mut state) => {
+            state.free.append(freed);
+            if !work {
+                return 0;
+            }
+            let mut sq = submit_step(ctx, inner, &mut state);
+            if submit_now || inner.sqpoll {
+                sq.submit();
+                0
+            } else {
+                sq.publish()
+            }
+        }
+        None => {
+            for id in freed.drain(..) {
+                let _ = free_sender.send(id);
+            }
+            if work {
+                let _ = ctx.noti_sender.try_send(());
+            }
+            0
+        }
+    }
 }
 
 fn worker_poll<C: IOCallbackCustom>(
@@ -378,6 +410,7 @@ fn worker_poll<C: IOCallbackCustom>(
     let mut cq = unsafe { inner.ring.completion_shared() };
     let submitter = inner.ring.submitter();
     let mut exiting = false;
+    let mut freed: Vec<u32> = Vec::with_capacity(ctx.depth);
     loop {
         cq.sync();
         let mut since_flush = 0;
@@ -388,7 +421,7 @@ fn worker_poll<C: IOCallbackCustom>(
             since_flush += 1;
             if since_flush == FLUSH_EVERY {
                 since_flush = 0;
-                flush_follow_ups(&ctx, &inner);
+                hand_back(&ctx, &inner, &mut freed, &free_sender, true);
             }
             let data = cqe.user_data();
             if data == SENTINEL_DATA {
@@ -407,7 +440,7 @@ fn worker_poll<C: IOCallbackCustom>(
                 Progress::Complete => {
                     let event = slot.event.take();
                     ctx.free_slots_count.fetch_add(1, Ordering::SeqCst);
-                    let _ = free_sender.send(id);
+                    freed.push(id);
                     if let Some(event) = event {
                         ctx.complete(event);
                     }
@@ -419,26 +452,10 @@ fn worker_poll<C: IOCallbackCustom>(
         if exiting && !more_ready && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
             return;
         }
-        // Submit what the batch queued (follow-ups, retries) ourselves when
-        // the submit lock is free, before reaping more, so the device never
-        // waits for this loop; otherwise the submitter is at work, and a
-        // wake-up makes sure it looks at the queues again.
-        let mut to_submit = 0;
-        if ctx.total_count.load(Ordering::SeqCst) > 0 || !inner.retry_ids.is_empty() {
-            match inner.submit.try_lock() {
-                Some(mut state) => {
-                    let mut sq = submit_step(&ctx, &inner, &mut state);
-                    if inner.sqpoll {
-                        sq.submit();
-                    } else {
-                        to_submit = sq.publish();
-                    }
-                }
-                None => {
-                    let _ = ctx.noti_sender.try_send(());
-                }
-            }
-        }
+        // Give the freed slots back and submit what the batch queued
+        // (follow-ups, retries) before reaping more, so the device never waits
+        // for this loop.
+        let to_submit = hand_back(&ctx, &inner, &mut freed, &free_sender, false);
         if more_ready && to_submit == 0 {
             continue;
         }
