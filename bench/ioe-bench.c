@@ -478,11 +478,19 @@ static int open_target(struct bench *b, char *tmp_path, size_t tmp_len, bool *is
 
 /* Writes the whole region with the block pattern through the engine (1 MiB
  * requests), so reads hit real blocks and can be verified. */
+/* Without verification a regular file already as large as the region is used
+ * as it is (its blocks are real; their contents do not matter). */
+static bool prefill_needed(const struct bench *b) {
+    struct stat st;
+    if (!b->o.prefill) return false;
+    return b->o.verify || fstat(b->fd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < b->o.size;
+}
+
 static int prefill(struct bench *b) {
     const struct options *o = &b->o;
     const uint64_t chunk = 1u << 20;
     struct stat st;
-    if (fstat(b->fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size >= o->size && !o->verify) return 0;
+    if (fstat(b->fd, &st) < 0) return -errno;
     if (S_ISREG(st.st_mode) && ftruncate(b->fd, (off_t)o->size) < 0) return -errno;
     uint8_t *buf = NULL;
     if (ioe_buffer_alloc(chunk, 0, (void **)&buf) != 0) return -ENOMEM;
@@ -546,7 +554,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     o->size -= o->size % o->bs;
-    if (o->prefill) {
+    if (prefill_needed(b)) {
         fprintf(info, "ioe-bench: writing %" PRIu64 " MiB of %s%s\n", o->size >> 20, o->path,
                 is_temp ? " (temporary)" : "");
         int rc = prefill(b);

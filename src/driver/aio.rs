@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{neg_errno, SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_interval, neg_errno, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// The kernel's AIO ABI (`linux/aio_abi.h`), written out here so the crate
@@ -133,9 +133,6 @@ use abi::{aio_context_t, io_event, iocb};
 
 /// Most completions taken by one `io_getevents`.
 const MAX_EVENTS_PER_POLL: usize = 512;
-/// Completions handled in a batch before the poller submits the follow-ups
-/// queued so far.
-const FLUSH_EVERY: usize = 4;
 /// `io_submit` refusals with EAGAIN tolerated for one request before the
 /// error goes to the user.
 const MAX_SUBMIT_EAGAIN: u32 = 64;
@@ -598,11 +595,11 @@ fn worker_poll<C: IOCallbackCustom>(
                 continue;
             }
         };
+        let flush_every = flush_interval(got);
         for (n, info) in events[..got].iter().enumerate() {
-            // In a long batch, submit the follow-ups queued so far every few
-            // completions rather than at the end, so the device gets work back
-            // sooner.
-            if n > 0 && n % FLUSH_EVERY == 0 {
+            // Submit the follow-ups queued so far as the batch goes, not at
+            // its end: the device gets work back sooner.
+            if n > 0 && n % flush_every == 0 {
                 hand_back(&ctx, &inner, &mut freed, &free_sender, &helper);
             }
             if info.data == SENTINEL_DATA {

@@ -17,6 +17,25 @@ use crossbeam::channel::Receiver;
 use crate::context::{ContextOptions, IoSharedContext};
 use crate::tasks::IOCallbackCustom;
 
+/// Largest number of completions a poller handles before it submits the
+/// follow-ups their callbacks queued.
+const FLUSH_EVERY: usize = 4;
+
+/// How many completions of a wake-up's batch of `batch` the poller handles
+/// between two submissions of follow-ups. A short batch means completions
+/// trickle in from a device: each follow-up goes out at once, so requests
+/// reach the device one by one rather than in bursts that then complete in
+/// bursts (which lowers the device's effective queue depth). A long batch
+/// means completions came in bulk (page cache hits, a device catching up):
+/// then one call per few follow-ups saves system calls.
+pub(crate) fn flush_interval(batch: usize) -> usize {
+    if batch <= FLUSH_EVERY {
+        1
+    } else {
+        FLUSH_EVERY
+    }
+}
+
 pub use aio::AioDriver;
 pub use uring::{uring_supported, UringDriver};
 
@@ -128,4 +147,18 @@ impl<S> SlotTable<S> {
 /// `Err(errno)` of a failed libc call as a negative result value.
 pub(crate) fn neg_errno(err: &io::Error) -> i64 {
     -(err.raw_os_error().unwrap_or(libc::EIO) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flush_interval;
+
+    #[test]
+    fn short_batches_flush_every_follow_up_long_ones_every_few() {
+        for batch in 0..=super::FLUSH_EVERY {
+            assert_eq!(flush_interval(batch), 1, "batch {batch}");
+        }
+        assert_eq!(flush_interval(super::FLUSH_EVERY + 1), super::FLUSH_EVERY);
+        assert_eq!(flush_interval(512), super::FLUSH_EVERY);
+    }
 }

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_interval, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
@@ -350,10 +350,6 @@ fn requeue_retry<C: IOCallbackCustom>(inner: &UringInner<C>, id: u32) {
     sq.submit();
 }
 
-/// Completions handled in a batch before the poller submits the follow-ups
-/// queued so far (one `io_uring_enter` per this many I/Os at most).
-const FLUSH_EVERY: usize = 4;
-
 /// The poller's side of submission: slots it freed go straight back into
 /// the free list and the queued follow-ups and retries get their SQEs, when
 /// the submit lock is free. Otherwise the lock holder (the submitter) gets
@@ -413,14 +409,11 @@ fn worker_poll<C: IOCallbackCustom>(
     let mut freed: Vec<u32> = Vec::with_capacity(ctx.depth);
     loop {
         cq.sync();
-        let mut since_flush = 0;
-        for cqe in &mut cq {
-            // In a long batch, hand the follow-ups queued so far to the kernel
-            // every few completions rather than at the end: the device gets
-            // work back sooner, which is what latency and IOPS hinge on.
-            since_flush += 1;
-            if since_flush == FLUSH_EVERY {
-                since_flush = 0;
+        let flush_every = flush_interval(cq.len());
+        for (n, cqe) in (&mut cq).enumerate() {
+            // Hand the follow-ups queued so far to the kernel as the batch
+            // goes, not at its end: the device gets work back sooner.
+            if n > 0 && n % flush_every == 0 {
                 hand_back(&ctx, &inner, &mut freed, &free_sender, true);
             }
             let data = cqe.user_data();
