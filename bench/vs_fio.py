@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """ioe-bench against fio, side by side on the same file and machine.
 
-Each comparison alternates the two tools (ioe, fio, ioe, fio, ...) for
---pairs pairs so that drift of the machine cancels out, and reports the
-median of every figure and the ratio ioe/fio. Results go to
+Each comparison alternates the two tools for --pairs pairs, swapping which
+goes first every pair (ioe fio, fio ioe, ...), so that drift of the machine
+and any advantage of going first or second cancel out, and reports the
+median of every figure and the ratio ioe/fio. Next to each run it reads the
+block device's counters: how many requests the device held on average while
+busy, and their mean time there (the device's own view, the same for both
+tools). Results go to
 bench/results/latest.json, a plot of IOPS against queue depth to
 bench/results/iops_vs_qd.svg, and the table to BENCHMARKS.md.
 
@@ -27,6 +31,41 @@ FIO_ENGINE = {"uring": "io_uring", "aio": "libaio"}
 def run(cmd):
     out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return out.stdout
+
+
+def block_stat_path(path):
+    """The /sys stat file of the block device holding `path`, or None."""
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(path)))
+        link = os.path.realpath(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+        stat = os.path.join(link, "stat")
+        return stat if os.path.exists(stat) else None
+    except OSError:
+        return None
+
+
+def read_block_stat(stat_path):
+    if not stat_path:
+        return None
+    with open(stat_path) as f:
+        return [int(x) for x in f.read().split()]
+
+
+def device_figures(before, after):
+    """Mean requests at the device while it was busy (time in queue over busy
+    time) and mean time per request there, from /sys/block/*/stat."""
+    if not before or not after:
+        return {"dev_queue": None, "dev_lat_us": None}
+    d = [b - a for a, b in zip(before, after)]
+    ios, ticks = d[0] + d[4], d[3] + d[7]
+    return {"dev_queue": d[10] / d[9] if d[9] else None, "dev_lat_us": ticks * 1000.0 / ios if ios else None}
+
+
+def measured(args, cmd, parse):
+    before = read_block_stat(args.block_stat)
+    figures = parse(run(cmd))
+    figures.update(device_figures(before, read_block_stat(args.block_stat)))
+    return figures
 
 
 def ioe_cmd(args, w):
@@ -71,18 +110,27 @@ def fio_figures(out):
 
 
 def medians(runs):
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    out = {}
+    for k in runs[0]:
+        values = [r[k] for r in runs if r[k] is not None]
+        out[k] = statistics.median(values) if values else None
+    return out
 
 
 def compare(args, w):
     a_runs, b_runs = [], []
-    for _ in range(args.pairs):
-        a_runs.append(ioe_figures(run(ioe_cmd(args, w))))
-        b_runs.append(fio_figures(run(fio_cmd(args, w))))
+    for i in range(args.pairs):
+        order = ("ioe", "fio") if i % 2 == 0 else ("fio", "ioe")
+        for tool in order:
+            if tool == "ioe":
+                a_runs.append(measured(args, ioe_cmd(args, w), ioe_figures))
+            else:
+                b_runs.append(measured(args, fio_cmd(args, w), fio_figures))
     a, b = medians(a_runs), medians(b_runs)
-    ratio = {k: a[k] / b[k] if b[k] else None for k in b}
+    ratio = {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b}
+    dev = (f"  device queue {a['dev_queue']:.1f} / {b['dev_queue']:.1f}" if a["dev_queue"] and b["dev_queue"] else "")
     print(f"  {w['label']:<44} ioe {a['iops']:>10.0f} IOPS  fio {b['iops']:>10.0f} IOPS  ratio {ratio['iops']:.2f}"
-          f"  cpu/io {ratio['cpu_us_per_io']:.2f}x  p50 {ratio['p50_us']:.2f}x", flush=True)
+          f"  cpu/io {ratio['cpu_us_per_io']:.2f}x  p50 {ratio['p50_us']:.2f}x{dev}", flush=True)
     return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "ioe_runs": a_runs, "fio_runs": b_runs,
             "ioe_command": shlex.join(ioe_cmd(args, w)), "fio_command": shlex.join(fio_cmd(args, w))}
 
@@ -180,22 +228,28 @@ def write_markdown(results, path):
     m = results["machine"]
     lines = ["# Benchmarks: ioe-bench against fio", "",
              f"Measured {results['date']} with `python3 bench/vs_fio.py {results['arguments']}`: each row alternates "
-             f"ioe-bench and fio {results['pairs']} times on the same file (ioe, fio, ioe, fio, ...) and shows medians; "
+             f"ioe-bench and fio {results['pairs']} times on the same file, swapping which goes first every pair "
+             "(ioe fio, fio ioe, ...), and shows medians; "
              "ratio = ioe / fio. CPU per I/O is the process's user + system time over the I/Os done (for fio, "
              "from its usr/sys percentages). Latency is submission to completion.", "",
              f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
              f"{m['filesystem']} on `{m['device']}`, {m['fio']}, ioengine {results['ioengine_version']}.", "",
-             "Reading the O_DIRECT rows: on this virtual machine most of the time per I/O is the virtio doorbell "
-             "(a VM exit, about half of all CPU samples at queue depth 1 in `perf record -e cpu-clock`), and the disk's "
-             "speed drifts by 10% or more between runs, so differences of a few percent are noise. "
+             "Reading the O_DIRECT rows: on this virtual machine a third to a half of the CPU time per I/O is the "
+             "virtio doorbell (a VM exit; `perf record -e cpu-clock`), and the virtual disk completes a whole queue's "
+             "worth of requests with one interrupt (about 1/32 interrupts per I/O at depth 32, for both tools), so "
+             "both tools run in lock-step with it. Its speed drifts by 10% or more between runs, and repeated "
+             "A/B rounds of the same two builds differ by up to 5%: differences of a few percent are noise. "
              "Alternating the tools spreads that drift over both.", "",
-             "| workload | ioe IOPS | fio IOPS | IOPS ratio | ioe CPU/IO us | fio CPU/IO us | CPU ratio | ioe p50 us | fio p50 us | p50 ratio | ioe p99 us | fio p99 us |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Device queue: the requests the block device held on average while busy, from its counters in "
+             "/sys/block (ioe / fio). When it is the same for both, the device, not the tool, sets the pace.", "",
+             "| workload | ioe IOPS | fio IOPS | IOPS ratio | ioe CPU/IO us | fio CPU/IO us | CPU ratio | ioe p50 us | fio p50 us | p50 ratio | ioe p99 us | fio p99 us | device queue |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in results["comparisons"]:
         a, b, r = c["ioe"], c["fio"], c["ratio"]
+        dev = (f"{a['dev_queue']:.1f} / {b['dev_queue']:.1f}" if a.get("dev_queue") and b.get("dev_queue") else "-")
         lines.append(f"| {c['workload']['label']} | {a['iops']:.0f} | {b['iops']:.0f} | {r['iops']:.2f} | "
                      f"{a['cpu_us_per_io']:.2f} | {b['cpu_us_per_io']:.2f} | {r['cpu_us_per_io']:.2f} | "
-                     f"{a['p50_us']:.1f} | {b['p50_us']:.1f} | {r['p50_us']:.2f} | {a['p99_us']:.1f} | {b['p99_us']:.1f} |")
+                     f"{a['p50_us']:.1f} | {b['p50_us']:.1f} | {r['p50_us']:.2f} | {a['p99_us']:.1f} | {b['p99_us']:.1f} | {dev} |")
     lines += ["", "Merging: ioe-bench writing 4 KiB blocks sequentially with merging up to 128 KiB against the same "
               "without merging. Next to it, fio writing 128 KiB blocks against 4 KiB blocks with the same engine "
               "and depth: the gain that perfect merging could reach on this kernel and device.", "",
@@ -238,6 +292,7 @@ def main():
     p.add_argument("--render-only", action="store_true",
                    help="rewrite BENCHMARKS.md and the plot from the saved latest.json, measuring nothing")
     args = p.parse_args()
+    args.block_stat = block_stat_path(args.file)
     if args.render_only:
         with open(os.path.join(args.out_dir, "latest.json")) as f:
             results = json.load(f)
