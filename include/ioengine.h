@@ -10,7 +10,10 @@
  *   - Handles (ioe_context, ioe_workers, ioe_merger) are opaque; each is
  *     created by one function and freed by its *_destroy function.
  *   - Submission functions may be called from any number of threads at
- *     once and from inside callbacks; they never block.
+ *     once and from inside callbacks. They never wait for I/O or for other
+ *     threads: elsewhere they only queue the request; in a callback on a
+ *     pool thread they may also hand queued requests to the kernel right
+ *     there (one system call, saving a hop to the submitter thread).
  *   - A request accepted by a submission function (return value >= 0) gets
  *     exactly one callback; a refused one (negative return) gets none.
  *   - Callbacks run on the threads of the context's ioe_workers pool or, if
@@ -435,7 +438,7 @@ int ioe_merger_held(struct ioe_merger *merger);
 int ioe_merger_destroy(struct ioe_merger *merger);
 
 /**
- * Queues one request. Never blocks. Returns 0 (the callback will run
+ * Queues one request; never waits (see Conventions). Returns 0 (the callback will run
  * exactly once) or, with no callback ever, -EINVAL (NULL `ctx`/`req`,
  * unknown op or channel, NULL callback, NULL or zero-length buffer for a
  * read/write, non-NULL buffer or zero length for fallocate, range beyond

@@ -664,3 +664,54 @@ fn engine_memory_is_reported_and_bounded_per_slot() {
         }
     }
 }
+
+#[test]
+fn callbacks_on_pool_threads_chain_writes_fallocate_and_fsync() {
+    // Follow-ups queued by pool-thread callbacks are submitted on those
+    // threads; that path must handle every kind of request, including the
+    // ones AIO hands to its helper thread (fallocate).
+    for backend in BACKENDS {
+        const CHAINS: usize = 64;
+        let workers = IOWorkers::new(2).unwrap();
+        let file = Arc::new(TempFile::new("pool-chain", 0, false));
+        let ctx = context(backend, 4, &workers);
+        let col = Collector::new();
+        for i in 0..CHAINS {
+            let offset = (i * BLOCK) as u64;
+            // Reserve the block, then write it, then fsync.
+            let mut reserve = IOEvent::fallocate(file.fd(), 0, offset, BLOCK as u64);
+            let (ctx_a, col_a, file_a) = (ctx.clone(), col.clone(), file.clone());
+            reserve.set_callback(ClosureCb::new(move |ev| {
+                assert_eq!(ev.result(), Some(0));
+                let mut data = Buffer::aligned(BLOCK).unwrap();
+                data.as_mut_slice().fill(i as u8);
+                let mut write = IOEvent::new(file_a.fd(), data, IOAction::Write, offset);
+                let (ctx_b, col_b, file_b) = (ctx_a.clone(), col_a.clone(), file_a.clone());
+                write.set_callback(ClosureCb::new(move |ev| {
+                    assert_eq!(ev.result(), Some(BLOCK as i64));
+                    let mut sync = IOEvent::fsync(file_b.fd());
+                    col_b.attach(&mut sync, i as u64);
+                    ctx_b.submit(sync, IOChannel::Prio).unwrap();
+                }));
+                ctx_a.submit(write, IOChannel::Write).unwrap();
+            }));
+            ctx.submit(reserve, IOChannel::Write).unwrap();
+        }
+        let mut tags: Vec<u64> = (0..CHAINS)
+            .map(|_| col.wait_one())
+            .map(|d| {
+                assert_eq!(d.result, 0, "{backend} fsync");
+                d.tag
+            })
+            .collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (0..CHAINS as u64).collect::<Vec<_>>(), "{backend}");
+        ctx.shutdown().unwrap();
+        assert_eq!(ctx.stats().completed, 3 * CHAINS as u64, "{backend}");
+        let bytes = std::fs::read(&file.path).unwrap();
+        assert_eq!(bytes.len(), CHAINS * BLOCK, "{backend}");
+        for (i, block) in bytes.chunks(BLOCK).enumerate() {
+            assert!(block.iter().all(|&b| b == i as u8), "{backend} block {i}");
+        }
+    }
+}

@@ -347,11 +347,11 @@ impl AioDriver {
                     .name("ioe-aio-poll".into())
                     .spawn(move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?,
             );
-            let inner_s = inner.clone();
+            let (ctx_s, inner_s, helper_s) = (ctx.clone(), inner.clone(), helper_sender.clone());
             threads.push(
                 thread::Builder::new()
                     .name("ioe-aio-submit".into())
-                    .spawn(move || worker_submit(ctx, inner_s, noti_receiver, helper_sender))?,
+                    .spawn(move || worker_submit(ctx_s, inner_s, noti_receiver, helper_s))?,
             );
             Ok(())
         })();
@@ -367,6 +367,16 @@ impl AioDriver {
             }
             return Err(e);
         }
+        // Holds a helper sender: the submitter drops it when the context has
+        // drained, so the helper thread can end.
+        let inner_d = inner.clone();
+        ctx.set_direct_submit(Box::new(move |ctx| match inner_d.submit.try_lock() {
+            Some(mut state) => {
+                submit_step(ctx, &inner_d, &mut state, &helper_sender);
+                true
+            }
+            None => false,
+        }));
         Ok(threads)
     }
 }
@@ -463,6 +473,7 @@ fn worker_submit<C: IOCallbackCustom>(
     noti: Receiver<()>,
     helper: Sender<u32>,
 ) {
+    let direct = ctx.direct_submit_guard();
     loop {
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
@@ -490,7 +501,10 @@ fn worker_submit<C: IOCallbackCustom>(
         }
     }
     // Shutdown: nothing is queued or in flight and every callback returned.
-    // The sentinel read wakes the poller, which destroys the context and exits.
+    // No callback can submit any more, so the direct path goes (with its
+    // helper sender). The sentinel read wakes the poller, which destroys the
+    // context and exits.
+    drop(direct);
     let mut sentinel = wake_iocb(inner.wake_file.as_raw_fd(), SENTINEL_DATA);
     while let Err(e) = inner.submit_one(&mut sentinel) {
         eprintln!("ioengine: AIO shutdown sentinel submit failed: {e}; retrying");

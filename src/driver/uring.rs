@@ -158,12 +158,22 @@ impl UringDriver {
         let poller = thread::Builder::new()
             .name("ioe-uring-poll".into())
             .spawn(move || worker_poll(ctx_poll, inner_poll, free_sender, retry_sender))?;
+        let (ctx_direct, inner_direct) = (ctx.clone(), inner.clone());
         let inner_submit = inner.clone();
         let submitter = thread::Builder::new()
             .name("ioe-uring-submit".into())
             .spawn(move || worker_submit(ctx, inner_submit, noti_receiver));
         match submitter {
-            Ok(submitter) => Ok(vec![submitter, poller]),
+            Ok(submitter) => {
+                ctx_direct.set_direct_submit(Box::new(move |ctx| match inner_direct.submit.try_lock() {
+                    Some(mut state) => {
+                        submit_step(ctx, &inner_direct, &mut state).submit();
+                        true
+                    }
+                    None => false,
+                }));
+                Ok(vec![submitter, poller])
+            }
             Err(e) => {
                 // Nothing was submitted: the NOP alone lets the poller exit.
                 let mut state = inner.submit.lock();
@@ -290,6 +300,7 @@ fn submit_step<'a, C: IOCallbackCustom>(
 }
 
 fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<UringInner<C>>, noti: Receiver<()>) {
+    let direct = ctx.direct_submit_guard();
     loop {
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
@@ -323,7 +334,10 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
     }
 
     // Shutdown: nothing is queued or in flight and every callback returned.
-    // The NOP wakes the poller, which finds every slot free and exits.
+    // No callback can submit any more, so the direct path goes (with its
+    // share of the ring). The NOP wakes the poller, which finds every slot
+    // free and exits.
+    drop(direct);
     let mut state = inner.submit.lock();
     let mut sq = inner.sq_writer(&mut state);
     sq.push(&opcode::Nop::new().build().user_data(SENTINEL_DATA));

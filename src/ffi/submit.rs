@@ -117,7 +117,7 @@ fn submit_one(ctx: &ioe_context, req: &ioe_request) -> c_int {
     }
 }
 
-/// Queues one request. Never blocks. Returns 0 (the callback will run
+/// Queues one request; never waits (see Conventions). Returns 0 (the callback will run
 /// exactly once) or, with no callback ever, -EINVAL (NULL `ctx`/`req`,
 /// unknown op or channel, NULL callback, NULL or zero-length buffer for a
 /// read/write, non-NULL buffer or zero length for fallocate, range beyond
