@@ -74,6 +74,8 @@ def ioe_cmd(args, w):
            "--verify", "0", "--json"]
     if w.get("merge"):
         cmd += ["--merge", w["merge"]]
+    if w.get("workers"):
+        cmd += ["--workers", str(w["workers"])]
     return cmd
 
 
@@ -240,6 +242,9 @@ def write_markdown(results, path):
              "both tools run in lock-step with it. Its speed drifts by 10% or more between runs, and repeated "
              "A/B rounds of the same two builds differ by up to 5%: differences of a few percent are noise. "
              "Alternating the tools spreads that drift over both.", "",
+             "Rows marked pool run ioe-bench's callbacks on a one-thread `ioe_workers` pool instead of the "
+             "poller thread (fio has no such mode; its row is the same plain fio run): the price of callbacks that "
+             "may block.", "",
              "Device queue: the requests the block device held on average while busy, from its counters in "
              "/sys/block (ioe / fio). When it is the same for both, the device, not the tool, sets the pace.", "",
              "| workload | ioe IOPS | fio IOPS | IOPS ratio | ioe CPU/IO us | fio CPU/IO us | CPU ratio | ioe p50 us | fio p50 us | p50 ratio | ioe p99 us | fio p99 us | device queue |",
@@ -296,7 +301,7 @@ def main():
     if args.render_only:
         with open(os.path.join(args.out_dir, "latest.json")) as f:
             results = json.load(f)
-        svg_plot([c for c in results["comparisons"] if c["workload"]["direct"]],
+        svg_plot([c for c in results["comparisons"] if c["workload"]["direct"] and not c["workload"].get("workers")],
                  os.path.join(args.out_dir, "iops_vs_qd.svg"))
         write_markdown(results, args.markdown)
         return
@@ -318,6 +323,11 @@ def main():
         for qd in qds:
             comparisons.append(compare(args, {"label": f"randread 4k direct QD{qd} {backend}", "backend": backend,
                                               "rw": "randread", "qd": qd, "direct": 1}))
+    print("the same with callbacks on a one-thread pool instead of the poller (the cost of pool mode)", flush=True)
+    for backend in ("uring", "aio"):
+        for qd in (4, 32):
+            comparisons.append(compare(args, {"label": f"randread 4k direct QD{qd} {backend} pool", "backend": backend,
+                                              "rw": "randread", "qd": qd, "direct": 1, "workers": 1}))
     print("page-cache 4 KiB random read (workload 3)", flush=True)
     subprocess.run(["cat", args.file], stdout=subprocess.DEVNULL, check=True)  # warm the cache
     for backend in ("uring", "aio"):
@@ -347,7 +357,7 @@ def main():
                "ioengine_version": version, "machine": machine(args), "comparisons": comparisons, "merging": merging, "soak": soak}
     with open(os.path.join(args.out_dir, "latest.json"), "w") as f:
         json.dump(results, f, indent=1)
-    direct_points = [c for c in comparisons if c["workload"]["direct"]]
+    direct_points = [c for c in comparisons if c["workload"]["direct"] and not c["workload"].get("workers")]
     svg_plot(direct_points, os.path.join(args.out_dir, "iops_vs_qd.svg"))
     write_markdown(results, args.markdown)
     print(f"wrote {args.out_dir}/latest.json, {args.out_dir}/iops_vs_qd.svg and {args.markdown}")
