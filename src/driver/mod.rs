@@ -19,11 +19,9 @@ use crate::tasks::IOCallbackCustom;
 
 /// Largest number of completions a poller handles before it submits the
 /// follow-ups their callbacks queued.
-pub(crate) const FLUSH_EVERY: usize = 4;
+const FLUSH_EVERY: usize = 4;
 
-/// For the AIO poller, which cannot see whether a submission completed
-/// within `io_submit` (io_uring's poller checks that directly):
-/// how many completions of a wake-up's batch of `batch` the poller handles
+/// How many completions of a wake-up's batch of `batch` the poller handles
 /// between two submissions of follow-ups. A short batch means completions
 /// trickle in from a device: each follow-up goes out at once, so requests
 /// reach the device one by one rather than in bursts that then complete in

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{SlotTable, FLUSH_EVERY, SENTINEL_DATA};
+use crate::driver::{flush_interval, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
@@ -367,10 +367,9 @@ fn requeue_retry<C: IOCallbackCustom>(inner: &UringInner<C>, id: u32) {
 /// The poller's side of submission: slots it freed go straight back into
 /// the free list and the queued follow-ups and retries get their SQEs, when
 /// the submit lock is free. Otherwise the lock holder (the submitter) gets
-/// the ids through the channel and a wake-up. With `submit_now` the SQEs go
-/// to the kernel at once and their number is returned; without, the number
-/// published but not yet submitted is returned, for the poller's next
-/// `io_uring_enter`.
+/// the ids through the channel and a wake-up. `submit_now` hands the SQEs to
+/// the kernel at once; if false, the number published but not yet submitted
+/// is returned, for the poller's next `io_uring_enter`.
 fn hand_back<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &UringInner<C>,
@@ -389,15 +388,11 @@ fn hand_back<C: IOCallbackCustom>(
                 return 0;
             }
             let mut sq = submit_step(ctx, inner, &mut state);
-            let published = sq.publish();
-            if submit_now {
+            if submit_now || inner.sqpoll {
                 sq.submit();
-                published
-            } else if inner.sqpoll {
-                sq.submit(); // the kernel thread consumes them
                 0
             } else {
-                published
+                sq.publish()
             }
         }
         None => {
@@ -426,27 +421,15 @@ fn worker_poll<C: IOCallbackCustom>(
     let submitter = inner.ring.submitter();
     let mut exiting = false;
     let mut freed: Vec<u32> = Vec::with_capacity(ctx.depth);
-    // Whether the last mid-batch submission completed (some of) its requests
-    // before the call returned.
-    let mut inline_completions = false;
     loop {
         cq.sync();
-        let mut flush_every = if inline_completions { FLUSH_EVERY } else { 1 };
-        let mut n = 0;
-        while let Some(cqe) = cq.next() {
+        let flush_every = flush_interval(cq.len());
+        for (n, cqe) in (&mut cq).enumerate() {
             // Hand the follow-ups queued so far to the kernel as the batch
-            // goes, not at its end: the device gets work back sooner. Each
-            // one goes at once, unless submissions complete within the call
-            // (page-cache hits): then every few, saving system calls.
+            // goes, not at its end: the device gets work back sooner.
             if n > 0 && n % flush_every == 0 {
-                let waiting = cq.len();
-                if hand_back(&ctx, &inner, &mut freed, &free_sender, true) > 0 {
-                    cq.sync();
-                    inline_completions = cq.len() > waiting;
-                    flush_every = if inline_completions { FLUSH_EVERY } else { 1 };
-                }
+                hand_back(&ctx, &inner, &mut freed, &free_sender, true);
             }
-            n += 1;
             let data = cqe.user_data();
             if data == SENTINEL_DATA {
                 exiting = true;
