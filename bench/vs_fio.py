@@ -114,7 +114,7 @@ def fio_figures(out):
 def medians(runs):
     out = {}
     for k in runs[0]:
-        values = [r[k] for r in runs if r[k] is not None]
+        values = [r[k] for r in runs if r.get(k) is not None]
         out[k] = statistics.median(values) if values else None
     return out
 
@@ -157,6 +157,25 @@ def merge_pair(args, w_merged, w_plain):
             "unmerged_command": shlex.join(ioe_cmd(args, w_plain)),
             "fio_128k_command": shlex.join(fio_cmd(args, dict(w_plain, bs="128k"))),
             "fio_4k_command": shlex.join(fio_cmd(args, w_plain))}
+
+
+def pool_runs(all_results):
+    """Every single run of each comparison row, from several results files
+    (the latest first), and the medians over all of them."""
+    rows = []
+    for c in all_results[0]["comparisons"]:
+        label = c["workload"]["label"]
+        ioe_runs, fio_runs, dates = [], [], []
+        for r in all_results:
+            for other in r["comparisons"]:
+                if other["workload"]["label"] == label:
+                    ioe_runs += other["ioe_runs"]
+                    fio_runs += other["fio_runs"]
+                    dates.append(r["date"])
+        a, b = medians(ioe_runs), medians(fio_runs)
+        rows.append({"label": label, "pairs": min(len(ioe_runs), len(fio_runs)), "runs_from": dates, "ioe": a,
+                     "fio": b, "ratio": {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b}})
+    return {"sources": [r["date"] for r in all_results], "rows": rows}
 
 
 def machine(args):
@@ -255,6 +274,19 @@ def write_markdown(results, path):
         lines.append(f"| {c['workload']['label']} | {a['iops']:.0f} | {b['iops']:.0f} | {r['iops']:.2f} | "
                      f"{a['cpu_us_per_io']:.2f} | {b['cpu_us_per_io']:.2f} | {r['cpu_us_per_io']:.2f} | "
                      f"{a['p50_us']:.1f} | {b['p50_us']:.1f} | {r['p50_us']:.2f} | {a['p99_us']:.1f} | {b['p99_us']:.1f} | {dev} |")
+    if results.get("pooled"):
+        pooled = results["pooled"]
+        lines += ["", f"Pooled: every single run of each row from {len(pooled['sources'])} full runs "
+                  f"({', '.join(pooled['sources'])}), medians over all of them: steadier than one run's medians "
+                  "(pool only runs of builds with the same I/O path). "
+                  f"Made with `{pooled.get('command', 'vs_fio.py --render-only --pool')}`; the earlier runs are kept "
+                  "in bench/results/.", "",
+                  "| workload | pairs | ioe IOPS | fio IOPS | IOPS ratio | CPU ratio | p50 ratio |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in pooled["rows"]:
+            a, b, r = row["ioe"], row["fio"], row["ratio"]
+            lines.append(f"| {row['label']} | {row['pairs']} | {a['iops']:.0f} | {b['iops']:.0f} | {r['iops']:.2f} | "
+                         f"{r['cpu_us_per_io']:.2f} | {r['p50_us']:.2f} |")
     lines += ["", "Merging: ioe-bench writing 4 KiB blocks sequentially with merging up to 128 KiB against the same "
               "without merging. Next to it, fio writing 128 KiB blocks against 4 KiB blocks with the same engine "
               "and depth: the gain that perfect merging could reach on this kernel and device.", "",
@@ -294,6 +326,9 @@ def main():
     p.add_argument("--soak", type=float, default=60, help="seconds of the long run that checks RSS stays flat")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
     p.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    p.add_argument("--pool", nargs="+", metavar="JSON",
+                   help="with --render-only: also pool the single runs of these earlier results files with the "
+                        "latest ones, row by row, into a second table (more pairs, steadier medians)")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite BENCHMARKS.md and the plot from the saved latest.json, measuring nothing")
     args = p.parse_args()
@@ -301,6 +336,12 @@ def main():
     if args.render_only:
         with open(os.path.join(args.out_dir, "latest.json")) as f:
             results = json.load(f)
+        if args.pool:
+            results["pooled"] = pool_runs([results] + [json.load(open(path)) for path in args.pool])
+            results["pooled"]["command"] = shlex.join(["python3", "bench/vs_fio.py", "--render-only", "--pool",
+                                                       *[os.path.relpath(path, ROOT) for path in args.pool]])
+            with open(os.path.join(args.out_dir, "latest.json"), "w") as f:
+                json.dump(results, f, indent=1)
         svg_plot([c for c in results["comparisons"] if c["workload"]["direct"] and not c["workload"].get("workers")],
                  os.path.join(args.out_dir, "iops_vs_qd.svg"))
         write_markdown(results, args.markdown)
