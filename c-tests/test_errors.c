@@ -78,7 +78,7 @@ static void run(uint32_t backend) {
     CHECK_EQ(s[7].result, sizeof buf);
 
     struct ioe_stats stats;
-    ioe_context_stats(ctx, &stats);
+    CHECK_EQ(ioe_context_stats(ctx, &stats), 0);
     CHECK_EQ(stats.submitted, 7);
     CHECK_EQ(stats.completed, 7);
     CHECK_EQ(stats.failed, 5);

@@ -135,10 +135,10 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
     pub(crate) direct_submit: Mutex<Option<DirectSubmit<C>>>,
 }
 
-/// Takes the driver's submit lock if it is free, moves queued events into
-/// slots and hands them to the kernel on the calling thread; false if the
-/// lock was busy (then the submitter must be woken).
-pub(crate) type DirectSubmit<C> = Box<dyn Fn(&IoSharedContext<C>) -> bool + Send + Sync>;
+/// The driver's poller hand-back with nothing freed: moves queued events into
+/// slots and hands them to the kernel on the calling thread if the submit
+/// lock is free, else wakes the lock's holder.
+pub(crate) type DirectSubmit<C> = Box<dyn Fn(&IoSharedContext<C>) + Send + Sync>;
 
 impl<C: IOCallbackCustom> IoSharedContext<C> {
     fn new(depth: usize, cb_workers: IOWorkers<C>) -> (Arc<Self>, Receiver<()>) {
@@ -200,12 +200,16 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
         let _ = self.noti_sender.try_send(());
     }
 
-    /// Runs the driver's direct submission step, unless another thread is
-    /// using it or the driver has none (not started, or already drained).
+    /// Runs the driver's direct submission step; false (nothing done) if
+    /// another thread is using it or the driver has none (not started, or
+    /// already drained).
     fn submit_directly(&self) -> bool {
-        match self.direct_submit.try_lock() {
-            Some(step) => step.as_ref().is_some_and(|submit| submit(self)),
-            None => false,
+        match self.direct_submit.try_lock().as_deref() {
+            Some(Some(submit)) => {
+                submit(self);
+                true
+            }
+            _ => false,
         }
     }
 

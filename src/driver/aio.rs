@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_interval, neg_errno, SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_interval, give_to_submitter, neg_errno, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// The kernel's AIO ABI (`linux/aio_abi.h`), written out here so the crate
@@ -326,6 +326,7 @@ impl AioDriver {
         ctx.driver_bytes.store(memory_bytes::<C>(depth), Ordering::Relaxed);
         let slots = SlotTable::new(depth, || AioSlot { event: None, iocb: iocb::default(), parked_result: None });
         let (free_sender, free_ids) = channel::bounded(depth);
+        let free_sender_d = free_sender.clone();
         let submit =
             Mutex::new(SubmitState { free: (0..depth as u32).rev().collect(), batch: Vec::with_capacity(depth) });
         let inner =
@@ -370,12 +371,8 @@ impl AioDriver {
         // Holds a helper sender: the submitter drops it when the context has
         // drained, so the helper thread can end.
         let inner_d = inner.clone();
-        ctx.set_direct_submit(Box::new(move |ctx| match inner_d.submit.try_lock() {
-            Some(mut state) => {
-                submit_step(ctx, &inner_d, &mut state, &helper_sender);
-                true
-            }
-            None => false,
+        ctx.set_direct_submit(Box::new(move |ctx| {
+            hand_back(ctx, &inner_d, &mut Vec::new(), &free_sender_d, &helper_sender)
         }));
         Ok(threads)
     }
@@ -515,7 +512,8 @@ fn worker_submit<C: IOCallbackCustom>(
 /// The poller's side of submission: slots it freed go straight back into
 /// the free list and the queued follow-ups are submitted, when the submit
 /// lock is free. Otherwise the lock holder (the submitter) gets the ids
-/// through the channel and a wake-up.
+/// through the channel and a wake-up. Also the direct submission step of
+/// callbacks on pool threads (with nothing freed).
 fn hand_back<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &AioInner<C>,
@@ -532,16 +530,7 @@ fn hand_back<C: IOCallbackCustom>(
             state.free.append(freed);
             submit_step(ctx, inner, &mut state, helper);
         }
-        None => {
-            // The submitter may have exited during shutdown; then nobody
-            // needs the ids.
-            for id in freed.drain(..) {
-                let _ = free_sender.send(id);
-            }
-            if work {
-                let _ = ctx.noti_sender.try_send(());
-            }
-        }
+        None => give_to_submitter(ctx, freed, free_sender, work),
     }
 }
 

@@ -36,6 +36,24 @@ pub(crate) fn flush_interval(batch: usize) -> usize {
     }
 }
 
+/// A poller's hand-back when the submit lock is busy: its holder (the
+/// submitter) gets the freed slot ids through the channel and, if requests
+/// wait, a wake-up. The submitter may have exited during shutdown; then
+/// nobody needs the ids.
+pub(crate) fn give_to_submitter<C: IOCallbackCustom>(
+    ctx: &IoSharedContext<C>,
+    freed: &mut Vec<u32>,
+    free_sender: &crossbeam::channel::Sender<u32>,
+    work: bool,
+) {
+    for id in freed.drain(..) {
+        let _ = free_sender.send(id);
+    }
+    if work {
+        let _ = ctx.noti_sender.try_send(());
+    }
+}
+
 pub use aio::AioDriver;
 pub use uring::{uring_supported, UringDriver};
 

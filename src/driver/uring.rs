@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_interval, SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_interval, give_to_submitter, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
@@ -144,6 +144,7 @@ impl UringDriver {
         // Each slot id is in at most one message at a time, so `depth`
         // capacity never blocks the poller.
         let (free_sender, free_ids) = channel::bounded(ctx.depth);
+        let free_sender_direct = free_sender.clone();
         let (retry_sender, retry_ids) = channel::bounded(ctx.depth);
         let inner = Arc::new(UringInner {
             ring,
@@ -165,12 +166,8 @@ impl UringDriver {
             .spawn(move || worker_submit(ctx, inner_submit, noti_receiver));
         match submitter {
             Ok(submitter) => {
-                ctx_direct.set_direct_submit(Box::new(move |ctx| match inner_direct.submit.try_lock() {
-                    Some(mut state) => {
-                        submit_step(ctx, &inner_direct, &mut state).submit();
-                        true
-                    }
-                    None => false,
+                ctx_direct.set_direct_submit(Box::new(move |ctx| {
+                    hand_back(ctx, &inner_direct, &mut Vec::new(), &free_sender_direct, true);
                 }));
                 Ok(vec![submitter, poller])
             }
@@ -369,7 +366,8 @@ fn requeue_retry<C: IOCallbackCustom>(inner: &UringInner<C>, id: u32) {
 /// the submit lock is free. Otherwise the lock holder (the submitter) gets
 /// the ids through the channel and a wake-up. `submit_now` hands the SQEs to
 /// the kernel at once; if false, the number published but not yet submitted
-/// is returned, for the poller's next `io_uring_enter`.
+/// is returned, for the poller's next `io_uring_enter`. Also the direct
+/// submission step of callbacks on pool threads (nothing freed, `submit_now`).
 fn hand_back<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &UringInner<C>,
@@ -396,12 +394,7 @@ fn hand_back<C: IOCallbackCustom>(
             }
         }
         None => {
-            for id in freed.drain(..) {
-                let _ = free_sender.send(id);
-            }
-            if work {
-                let _ = ctx.noti_sender.try_send(());
-            }
+            give_to_submitter(ctx, freed, free_sender, work);
             0
         }
     }
