@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -119,6 +120,34 @@ def medians(runs):
     return out
 
 
+def paired_iops_ratio(ioe_runs, fio_runs):
+    """Median of the per-pair IOPS ratios (each ioe run against the fio run
+    next to it in time, so drift between pairs cancels) with a 95% bootstrap
+    interval (fixed seed: the same runs always give the same interval). An
+    interval that holds 1.0 means the two tools are not told apart here."""
+    ratios = [a["iops"] / b["iops"] for a, b in zip(ioe_runs, fio_runs) if a.get("iops") and b.get("iops")]
+    if not ratios:
+        return None
+    rng = random.Random(4)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return {"median": statistics.median(ratios), "ci95": [boot[50], boot[1949]], "pairs": len(ratios)}
+
+
+def verdict(paired, target=1.0):
+    if not paired:
+        return "-"
+    lo, hi = paired["ci95"]
+    if lo >= target:
+        return "above"
+    if hi < target:
+        return "below"
+    return "tie"
+
+
+def paired_text(paired):
+    return f"{paired['median']:.2f} ({paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f})" if paired else "-"
+
+
 def compare(args, w):
     a_runs, b_runs = [], []
     for i in range(args.pairs):
@@ -130,10 +159,13 @@ def compare(args, w):
                 b_runs.append(measured(args, fio_cmd(args, w), fio_figures))
     a, b = medians(a_runs), medians(b_runs)
     ratio = {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b}
+    paired = paired_iops_ratio(a_runs, b_runs)
     dev = (f"  device queue {a['dev_queue']:.1f} / {b['dev_queue']:.1f}" if a["dev_queue"] and b["dev_queue"] else "")
     print(f"  {w['label']:<44} ioe {a['iops']:>10.0f} IOPS  fio {b['iops']:>10.0f} IOPS  ratio {ratio['iops']:.2f}"
+          f"  paired {paired['median']:.2f} [{paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}]"
           f"  cpu/io {ratio['cpu_us_per_io']:.2f}x  p50 {ratio['p50_us']:.2f}x{dev}", flush=True)
-    return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "ioe_runs": a_runs, "fio_runs": b_runs,
+    return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "paired_iops_ratio": paired, "ioe_runs": a_runs,
+            "fio_runs": b_runs,
             "ioe_command": shlex.join(ioe_cmd(args, w)), "fio_command": shlex.join(fio_cmd(args, w))}
 
 
@@ -174,7 +206,8 @@ def pool_runs(all_results):
                     dates.append(r["date"])
         a, b = medians(ioe_runs), medians(fio_runs)
         rows.append({"label": label, "pairs": min(len(ioe_runs), len(fio_runs)), "runs_from": dates, "ioe": a,
-                     "fio": b, "ratio": {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b}})
+                     "fio": b, "ratio": {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b},
+                     "paired_iops_ratio": paired_iops_ratio(ioe_runs, fio_runs)})
     return {"sources": [r["date"] for r in all_results], "rows": rows}
 
 
@@ -266,12 +299,17 @@ def write_markdown(results, path):
              "may block.", "",
              "Device queue: the requests the block device held on average while busy, from its counters in "
              "/sys/block (ioe / fio). When it is the same for both, the device, not the tool, sets the pace.", "",
-             "| workload | ioe IOPS | fio IOPS | IOPS ratio | ioe CPU/IO us | fio CPU/IO us | CPU ratio | ioe p50 us | fio p50 us | p50 ratio | ioe p99 us | fio p99 us | device queue |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Paired IOPS ratio: the median of the per-pair ratios (each ioe run against the fio run next to it), "
+             "with a 95% bootstrap interval. 'above' or 'below' fio only when the whole interval is; 'tie' when it "
+             "holds 1.0, that is when this many pairs cannot tell the two tools apart on this machine.", "",
+             "| workload | ioe IOPS | fio IOPS | IOPS ratio | paired IOPS ratio (95% CI) | vs fio | ioe CPU/IO us | fio CPU/IO us | CPU ratio | ioe p50 us | fio p50 us | p50 ratio | ioe p99 us | fio p99 us | device queue |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in results["comparisons"]:
         a, b, r = c["ioe"], c["fio"], c["ratio"]
         dev = (f"{a['dev_queue']:.1f} / {b['dev_queue']:.1f}" if a.get("dev_queue") and b.get("dev_queue") else "-")
+        paired = c.get("paired_iops_ratio") or paired_iops_ratio(c["ioe_runs"], c["fio_runs"])
         lines.append(f"| {c['workload']['label']} | {a['iops']:.0f} | {b['iops']:.0f} | {r['iops']:.2f} | "
+                     f"{paired_text(paired)} | {verdict(paired)} | "
                      f"{a['cpu_us_per_io']:.2f} | {b['cpu_us_per_io']:.2f} | {r['cpu_us_per_io']:.2f} | "
                      f"{a['p50_us']:.1f} | {b['p50_us']:.1f} | {r['p50_us']:.2f} | {a['p99_us']:.1f} | {b['p99_us']:.1f} | {dev} |")
     if results.get("pooled"):
@@ -281,11 +319,13 @@ def write_markdown(results, path):
                   "(pool only runs of builds with the same I/O path). "
                   f"Made with `{pooled.get('command', 'vs_fio.py --render-only --pool')}`; the earlier runs are kept "
                   "in bench/results/.", "",
-                  "| workload | pairs | ioe IOPS | fio IOPS | IOPS ratio | CPU ratio | p50 ratio |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| workload | pairs | ioe IOPS | fio IOPS | IOPS ratio | paired IOPS ratio (95% CI) | vs fio | CPU ratio | p50 ratio |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         for row in pooled["rows"]:
             a, b, r = row["ioe"], row["fio"], row["ratio"]
+            paired = row.get("paired_iops_ratio")
             lines.append(f"| {row['label']} | {row['pairs']} | {a['iops']:.0f} | {b['iops']:.0f} | {r['iops']:.2f} | "
+                         f"{paired_text(paired)} | {verdict(paired)} | "
                          f"{r['cpu_us_per_io']:.2f} | {r['p50_us']:.2f} |")
     lines += ["", "Merging: ioe-bench writing 4 KiB blocks sequentially with merging up to 128 KiB against the same "
               "without merging. Next to it, fio writing 128 KiB blocks against 4 KiB blocks with the same engine "
