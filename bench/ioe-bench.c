@@ -29,6 +29,8 @@
 
 #include <ioengine.h>
 
+#include "bench_common.h"
+
 /* ------------------------------------------------------------------ options */
 
 enum pattern { PAT_RANDREAD, PAT_RANDWRITE, PAT_READ, PAT_WRITE, PAT_RANDRW };
@@ -304,19 +306,6 @@ struct bench {
     long jobs_active;
 };
 
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static uint64_t xorshift(uint64_t *s) {
-    uint64_t x = *s;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return *s = x;
-}
 
 /* The bytes a block at `offset` always holds: written by prefill and by every
  * write, so a read can check them whatever ran before. */
@@ -512,12 +501,6 @@ static int prefill(struct bench *b) {
 
 /* ------------------------------------------------------------------- output */
 
-static double cpu_seconds(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
-           (double)ru.ru_stime.tv_usec / 1e6;
-}
 
 static long rss_kib(void) {
     FILE *f = fopen("/proc/self/statm", "r");

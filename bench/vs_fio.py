@@ -11,6 +11,10 @@ tools). Results go to
 bench/results/latest.json, a plot of IOPS against queue depth to
 bench/results/iops_vs_qd.svg, and the table to BENCHMARKS.md.
 
+When build/bench/uring-loop exists (built if liburing-dev is installed), it
+runs as a third tool in the io_uring O_DIRECT rows: the loop a C programmer
+would write by hand on liburing, against which the engine's own cost shows.
+
 Usage: python3 bench/vs_fio.py [--ioe-bench PATH] [--file PATH] [--size 1g]
                                 [--runtime 5] [--pairs 3] [--quick]
 """
@@ -89,6 +93,16 @@ def fio_cmd(args, w):
     return cmd
 
 
+def peer_cmd(args, w):
+    return [os.path.relpath(args.peer, ROOT) if args.peer.startswith(ROOT) else args.peer, "--filename", args.file,
+            "--size", args.size, "--iodepth", str(w["qd"]), "--runtime", str(args.runtime)]
+
+
+def peer_figures(out):
+    r = json.loads(out)
+    return {"iops": r["iops"], "cpu_us_per_io": r["cpu_us_per_io"]}
+
+
 def ioe_figures(out):
     r = json.loads(out)
     if r["errors"]:
@@ -148,15 +162,24 @@ def paired_text(paired):
     return f"{paired['median']:.2f} ({paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f})" if paired else "-"
 
 
-def compare(args, w):
-    a_runs, b_runs = [], []
+def compare(args, w, with_peer=False):
+    """ioe-bench against fio (and, for with_peer, against uring-loop too).
+    Two tools alternate ABBA; three rotate, so each goes first, second and
+    third equally often."""
+    a_runs, b_runs, c_runs = [], [], []
+    tools = ("ioe", "fio", "peer") if with_peer else ("ioe", "fio")
     for i in range(args.pairs):
-        order = ("ioe", "fio") if i % 2 == 0 else ("fio", "ioe")
+        if with_peer:
+            order = tools[i % 3:] + tools[:i % 3]
+        else:
+            order = tools if i % 2 == 0 else tools[::-1]
         for tool in order:
             if tool == "ioe":
                 a_runs.append(measured(args, ioe_cmd(args, w), ioe_figures))
-            else:
+            elif tool == "fio":
                 b_runs.append(measured(args, fio_cmd(args, w), fio_figures))
+            else:
+                c_runs.append(peer_figures(run(peer_cmd(args, w))))
     a, b = medians(a_runs), medians(b_runs)
     ratio = {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b}
     paired = paired_iops_ratio(a_runs, b_runs)
@@ -164,8 +187,16 @@ def compare(args, w):
     print(f"  {w['label']:<44} ioe {a['iops']:>10.0f} IOPS  fio {b['iops']:>10.0f} IOPS  ratio {ratio['iops']:.2f}"
           f"  paired {paired['median']:.2f} [{paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}]"
           f"  cpu/io {ratio['cpu_us_per_io']:.2f}x  p50 {ratio['p50_us']:.2f}x{dev}", flush=True)
+    peer = {}
+    if with_peer:
+        c = medians(c_runs)
+        peer_paired = paired_iops_ratio(a_runs, c_runs)
+        print(f"  {'':<44} uring-loop {c['iops']:>10.0f} IOPS  ioe/loop paired {peer_paired['median']:.2f}"
+              f" [{peer_paired['ci95'][0]:.2f}-{peer_paired['ci95'][1]:.2f}]", flush=True)
+        peer = {"peer": c, "peer_runs": c_runs, "peer_paired_iops_ratio": peer_paired,
+                "peer_command": shlex.join(peer_cmd(args, w))}
     return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "paired_iops_ratio": paired, "ioe_runs": a_runs,
-            "fio_runs": b_runs,
+            **peer, "fio_runs": b_runs,
             "ioe_command": shlex.join(ioe_cmd(args, w)), "fio_command": shlex.join(fio_cmd(args, w))}
 
 
@@ -240,16 +271,19 @@ def svg_plot(points, path):
         for tool in ("ioe", "fio"):
             name = f"ioe-bench {w['backend']}" if tool == "ioe" else f"fio {FIO_ENGINE[w['backend']]}"
             series.setdefault(name, []).append((w["qd"], p[tool]["iops"]))
+        if p.get("peer"):
+            series.setdefault("hand-written liburing loop", []).append((w["qd"], p["peer"]["iops"]))
     qds = sorted({q for s in series.values() for q, _ in s})
     ymax = max(v for s in series.values() for _, v in s) * 1.1
-    W, H, L, R, T, B = 720, 440, 80, 190, 40, 50
+    W, H, L, R, T, B = 780, 440, 80, 250, 40, 50
     import math
     lq = [math.log2(q) for q in qds]
     def x(q):
         return L + (math.log2(q) - lq[0]) / max(lq[-1] - lq[0], 1) * (W - L - R)
     def y(v):
         return H - B - v / ymax * (H - T - B)
-    colors = {"ioe-bench uring": "#1f77b4", "fio io_uring": "#aec7e8", "ioe-bench aio": "#d62728", "fio libaio": "#ff9896"}
+    colors = {"ioe-bench uring": "#1f77b4", "fio io_uring": "#aec7e8", "ioe-bench aio": "#d62728", "fio libaio": "#ff9896",
+              "hand-written liburing loop": "#2ca02c"}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="22" text-anchor="middle" font-size="15">4 KiB random read, O_DIRECT: IOPS against queue depth</text>',
@@ -312,6 +346,18 @@ def write_markdown(results, path):
                      f"{paired_text(paired)} | {verdict(paired)} | "
                      f"{a['cpu_us_per_io']:.2f} | {b['cpu_us_per_io']:.2f} | {r['cpu_us_per_io']:.2f} | "
                      f"{a['p50_us']:.1f} | {b['p50_us']:.1f} | {r['p50_us']:.2f} | {a['p99_us']:.1f} | {b['p99_us']:.1f} | {dev} |")
+    peer_rows = [c for c in results["comparisons"] if c.get("peer")]
+    if peer_rows:
+        lines += ["", "Against a hand-written liburing loop (`bench/uring-loop.c`: one thread, one ring, each "
+                  "follow-up read submitted as its completion is reaped; no callbacks, queues or fairness), run as a "
+                  "third tool in the same rounds as the io_uring rows above (the three rotate which goes first). "
+                  "It shows what the engine's extra work costs against the loop a C programmer would write.", "",
+                  "| workload | ioe IOPS | loop IOPS | paired IOPS ratio ioe/loop (95% CI) | vs loop | ioe CPU/IO us | loop CPU/IO us | fio IOPS |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for c in peer_rows:
+            a, l, pp = c["ioe"], c["peer"], c["peer_paired_iops_ratio"]
+            lines.append(f"| {c['workload']['label']} | {a['iops']:.0f} | {l['iops']:.0f} | {paired_text(pp)} | "
+                         f"{verdict(pp)} | {a['cpu_us_per_io']:.2f} | {l['cpu_us_per_io']:.2f} | {c['fio']['iops']:.0f} |")
     if results.get("pooled"):
         pooled = results["pooled"]
         lines += ["", f"Pooled: every single run of each row from {len(pooled['sources'])} full runs "
@@ -347,6 +393,8 @@ def write_markdown(results, path):
               "![IOPS against queue depth](bench/results/iops_vs_qd.svg)", "", "## Exact commands", ""]
     for c in results["comparisons"]:
         lines += [f"- {c['workload']['label']}:", f"  - `{c['ioe_command']}`", f"  - `{c['fio_command']}`"]
+        if c.get("peer_command"):
+            lines.append(f"  - `{c['peer_command']}`")
     for c in results["merging"]:
         lines += [f"- {c['workload']['label']}:", f"  - `{c['merged_command']}`", f"  - `{c['unmerged_command']}`"]
         lines += [f"  - `{c[k]}`" for k in ("fio_128k_command", "fio_4k_command") if k in c]
@@ -358,6 +406,9 @@ def write_markdown(results, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ioe-bench", default=os.path.join(ROOT, "build", "bench", "ioe-bench"))
+    p.add_argument("--peer", default=os.path.join(ROOT, "build", "bench", "uring-loop"),
+                   help="hand-written liburing loop run next to the io_uring O_DIRECT rows (built when liburing-dev "
+                        "is installed); skipped if missing")
     p.add_argument("--file", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "ioe-vs-fio.dat"))
     p.add_argument("--size", default="1g")
     p.add_argument("--runtime", type=float, default=5)
@@ -400,10 +451,14 @@ def main():
     qds = [1, 32, 128] if args.quick else [1, 4, 16, 32, 64, 128]
     comparisons = []
     print("O_DIRECT 4 KiB random read (workloads 1 and 2)", flush=True)
+    with_peer = os.path.exists(args.peer)
+    if not with_peer:
+        print(f"  ({args.peer} not found: no hand-written liburing loop rows; install liburing-dev and rebuild)")
     for backend in ("uring", "aio"):
         for qd in qds:
             comparisons.append(compare(args, {"label": f"randread 4k direct QD{qd} {backend}", "backend": backend,
-                                              "rw": "randread", "qd": qd, "direct": 1}))
+                                              "rw": "randread", "qd": qd, "direct": 1},
+                                       with_peer=with_peer and backend == "uring"))
     print("the same with callbacks on a one-thread pool instead of the poller (the cost of pool mode)", flush=True)
     for backend in ("uring", "aio"):
         for qd in (4, 32):
