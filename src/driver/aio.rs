@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_interval, give_to_submitter, neg_errno, SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_before, give_to_submitter, neg_errno, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// The kernel's AIO ABI (`linux/aio_abi.h`), written out here so the crate
@@ -598,11 +598,10 @@ fn worker_poll<C: IOCallbackCustom>(
                 continue;
             }
         };
-        let flush_every = flush_interval(got);
         for (n, info) in events[..got].iter().enumerate() {
             // Submit the follow-ups queued so far as the batch goes, not at
             // its end: the device gets work back sooner.
-            if n > 0 && n % flush_every == 0 {
+            if flush_before(n, got) {
                 hand_back(&ctx, &inner, &mut freed, &free_sender, &helper);
             }
             if info.data == SENTINEL_DATA {

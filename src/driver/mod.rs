@@ -21,18 +21,24 @@ use crate::tasks::IOCallbackCustom;
 /// follow-ups their callbacks queued.
 const FLUSH_EVERY: usize = 4;
 
-/// How many completions of a wake-up's batch of `batch` the poller handles
-/// between two submissions of follow-ups. A short batch means completions
-/// trickle in from a device: each follow-up goes out at once, so requests
-/// reach the device one by one rather than in bursts that then complete in
-/// bursts (which lowers the device's effective queue depth). A long batch
-/// means completions came in bulk (page cache hits, a device catching up):
-/// then one call per few follow-ups saves system calls.
-pub(crate) fn flush_interval(batch: usize) -> usize {
-    if batch <= FLUSH_EVERY {
-        1
-    } else {
-        FLUSH_EVERY
+/// Whether the poller, about to handle completion `n` (from 0) of a
+/// wake-up's batch of `batch`, first submits the follow-ups that the
+/// completions before it queued.
+/// - The first follow-up always goes out at once: a batch means the device
+///   has just finished what it held (a virtual disk may complete a queue's
+///   worth with one interrupt) and is idle until work arrives.
+/// - A short batch means completions trickle in from a device: each
+///   follow-up goes out at once, so requests reach the device one by one
+///   rather than in bursts that then complete in bursts (which lowers the
+///   device's effective queue depth).
+/// - A long batch means completions came in bulk (page cache hits, a device
+///   catching up): then one call per few follow-ups saves system calls and
+///   lets the block layer merge neighbouring requests.
+pub(crate) fn flush_before(n: usize, batch: usize) -> bool {
+    match n {
+        0 => false,
+        1 => true,
+        _ => batch <= FLUSH_EVERY || n % FLUSH_EVERY == 0,
     }
 }
 
@@ -169,14 +175,21 @@ pub(crate) fn neg_errno(err: &io::Error) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::flush_interval;
+    use super::{flush_before, FLUSH_EVERY};
+
+    fn flush_points(batch: usize) -> Vec<usize> {
+        (0..batch).filter(|&n| flush_before(n, batch)).collect()
+    }
 
     #[test]
-    fn short_batches_flush_every_follow_up_long_ones_every_few() {
-        for batch in 0..=super::FLUSH_EVERY {
-            assert_eq!(flush_interval(batch), 1, "batch {batch}");
+    fn first_follow_up_goes_at_once_short_batches_flush_each_long_ones_every_few() {
+        assert!(flush_points(1).is_empty(), "a lone completion's follow-up goes with the next wait");
+        for batch in 2..=FLUSH_EVERY {
+            assert_eq!(flush_points(batch), (1..batch).collect::<Vec<_>>(), "batch {batch}");
         }
-        assert_eq!(flush_interval(super::FLUSH_EVERY + 1), super::FLUSH_EVERY);
-        assert_eq!(flush_interval(512), super::FLUSH_EVERY);
+        assert_eq!(flush_points(FLUSH_EVERY + 1), vec![1, FLUSH_EVERY]);
+        let long = flush_points(32);
+        assert_eq!(long[..3], [1, FLUSH_EVERY, 2 * FLUSH_EVERY]);
+        assert_eq!(long.len(), 1 + 32 / FLUSH_EVERY - 1);
     }
 }

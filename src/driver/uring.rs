@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_interval, give_to_submitter, SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_before, give_to_submitter, SlotTable, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
@@ -416,11 +416,11 @@ fn worker_poll<C: IOCallbackCustom>(
     let mut freed: Vec<u32> = Vec::with_capacity(ctx.depth);
     loop {
         cq.sync();
-        let flush_every = flush_interval(cq.len());
+        let batch = cq.len();
         for (n, cqe) in (&mut cq).enumerate() {
             // Hand the follow-ups queued so far to the kernel as the batch
             // goes, not at its end: the device gets work back sooner.
-            if n > 0 && n % flush_every == 0 {
+            if flush_before(n, batch) {
                 hand_back(&ctx, &inner, &mut freed, &free_sender, true);
             }
             let data = cqe.user_data();
