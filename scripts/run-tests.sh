@@ -2,7 +2,7 @@
 # Runs every test: source checks, the Rust unit and integration tests (both
 # backends, debug and release), then the C suite with ctest (C tests, header
 # checks, exported symbols, install + pkg-config/CMake consumers, examples).
-# Installs what it needs (cmake, pkg-config) on a fresh machine.
+# Installs what it needs (cmake, pkg-config, liburing-dev) on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +16,13 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# liburing builds bench/uring-loop (vs_fio.py's hand-written peer), so CI
+# keeps it compiling and running.
+if ! pkg-config --exists liburing; then
+  echo "== installing liburing-dev"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq liburing-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq liburing-dev >/dev/null; }
 fi
 
 # Tests force their backend; an operator override would defeat that.
