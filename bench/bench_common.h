@@ -1,9 +1,11 @@
-/* Helpers shared by ioe-bench and its hand-written peer, so that both take
- * time, CPU time and random offsets the same way. */
+/* Helpers shared by ioe-bench and its hand-written peer, so that both parse
+ * sizes and take time, CPU time and random offsets the same way. */
 #ifndef IOE_BENCH_COMMON_H
 #define IOE_BENCH_COMMON_H
 
+#include <errno.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/resource.h>
 #include <time.h>
 
@@ -28,6 +30,27 @@ static inline uint64_t xorshift(uint64_t *state) {
     x ^= x >> 7;
     x ^= x << 17;
     return *state = x;
+}
+
+/* A size such as 4096, 4k, 1.5m or 1g (an "i", "b" or "B" may follow the
+ * unit); -1 if it is not one. */
+static inline int parse_size(const char *s, uint64_t *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || v < 0) return -1;
+    uint64_t mul = 1;
+    switch (*end) {
+    case '\0': break;
+    case 'k': case 'K': mul = 1ull << 10; end++; break;
+    case 'm': case 'M': mul = 1ull << 20; end++; break;
+    case 'g': case 'G': mul = 1ull << 30; end++; break;
+    default: return -1;
+    }
+    if (*end == 'i' || *end == 'b' || *end == 'B') end++;
+    if (*end != '\0') return -1;
+    *out = (uint64_t)(v * (double)mul);
+    return 0;
 }
 
 #endif

@@ -82,25 +82,6 @@ static void usage(FILE *out) {
             "  -h, --help                 this text\n");
 }
 
-static int parse_size(const char *s, uint64_t *out) {
-    char *end;
-    errno = 0;
-    double v = strtod(s, &end);
-    if (errno || end == s || v < 0) return -1;
-    uint64_t mul = 1;
-    switch (*end) {
-    case '\0': break;
-    case 'k': case 'K': mul = 1ull << 10; end++; break;
-    case 'm': case 'M': mul = 1ull << 20; end++; break;
-    case 'g': case 'G': mul = 1ull << 30; end++; break;
-    default: return -1;
-    }
-    if (*end == 'i' || *end == 'b' || *end == 'B') end++;
-    if (*end != '\0') return -1;
-    *out = (uint64_t)(v * (double)mul);
-    return 0;
-}
-
 static int parse_u32(const char *s, uint32_t min, uint32_t max, uint32_t *out) {
     char *end;
     errno = 0;
@@ -306,7 +287,6 @@ struct bench {
     long jobs_active;
 };
 
-
 /* The bytes a block at `offset` always holds: written by prefill and by every
  * write, so a read can check them whatever ran before. */
 static void fill_block(uint8_t *buf, uint64_t len, uint64_t offset) {
@@ -500,7 +480,6 @@ static int prefill(struct bench *b) {
 }
 
 /* ------------------------------------------------------------------- output */
-
 
 static long rss_kib(void) {
     FILE *f = fopen("/proc/self/statm", "r");

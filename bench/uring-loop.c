@@ -25,22 +25,6 @@
 
 #define BLOCK 4096u
 
-static int parse_size(const char *text, uint64_t *out) {
-    char *end;
-    errno = 0;
-    unsigned long long value = strtoull(text, &end, 10);
-    if (errno || end == text) return -1;
-    switch (*end) {
-    case 'k': case 'K': value <<= 10; end++; break;
-    case 'm': case 'M': value <<= 20; end++; break;
-    case 'g': case 'G': value <<= 30; end++; break;
-    default: break;
-    }
-    if (*end) return -1;
-    *out = value;
-    return 0;
-}
-
 static int usage(const char *why) {
     fprintf(stderr, "uring-loop: %s\nusage: uring-loop --filename PATH --size BYTES --iodepth N --runtime SECONDS\n", why);
     return 2;

@@ -147,13 +147,14 @@ def paired_iops_ratio(ioe_runs, fio_runs):
     return {"median": statistics.median(ratios), "ci95": [boot[50], boot[1949]], "pairs": len(ratios)}
 
 
-def verdict(paired, target=1.0):
+def verdict(paired):
+    """Where the interval lies against 1.0."""
     if not paired:
         return "-"
     lo, hi = paired["ci95"]
-    if lo >= target:
+    if lo >= 1.0:
         return "above"
-    if hi < target:
+    if hi < 1.0:
         return "below"
     return "tie"
 
@@ -185,14 +186,14 @@ def compare(args, w, with_peer=False):
     paired = paired_iops_ratio(a_runs, b_runs)
     dev = (f"  device queue {a['dev_queue']:.1f} / {b['dev_queue']:.1f}" if a["dev_queue"] and b["dev_queue"] else "")
     print(f"  {w['label']:<44} ioe {a['iops']:>10.0f} IOPS  fio {b['iops']:>10.0f} IOPS  ratio {ratio['iops']:.2f}"
-          f"  paired {paired['median']:.2f} [{paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f}]"
+          f"  paired {paired_text(paired)}"
           f"  cpu/io {ratio['cpu_us_per_io']:.2f}x  p50 {ratio['p50_us']:.2f}x{dev}", flush=True)
     peer = {}
     if with_peer:
         c = medians(c_runs)
         peer_paired = paired_iops_ratio(a_runs, c_runs)
-        print(f"  {'':<44} uring-loop {c['iops']:>10.0f} IOPS  ioe/loop paired {peer_paired['median']:.2f}"
-              f" [{peer_paired['ci95'][0]:.2f}-{peer_paired['ci95'][1]:.2f}]", flush=True)
+        print(f"  {'':<44} uring-loop {c['iops']:>10.0f} IOPS  ioe/loop paired {paired_text(peer_paired)}",
+              flush=True)
         peer = {"peer": c, "peer_runs": c_runs, "peer_paired_iops_ratio": peer_paired,
                 "peer_command": shlex.join(peer_cmd(args, w))}
     return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "paired_iops_ratio": paired, "ioe_runs": a_runs,

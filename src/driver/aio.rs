@@ -326,7 +326,7 @@ impl AioDriver {
         ctx.driver_bytes.store(memory_bytes::<C>(depth), Ordering::Relaxed);
         let slots = SlotTable::new(depth, || AioSlot { event: None, iocb: iocb::default(), parked_result: None });
         let (free_sender, free_ids) = channel::bounded(depth);
-        let free_sender_d = free_sender.clone();
+        let free_sender_direct = free_sender.clone();
         let submit =
             Mutex::new(SubmitState { free: (0..depth as u32).rev().collect(), batch: Vec::with_capacity(depth) });
         let inner =
@@ -372,7 +372,7 @@ impl AioDriver {
         // drained, so the helper thread can end.
         let inner_d = inner.clone();
         ctx.set_direct_submit(Box::new(move |ctx| {
-            hand_back(ctx, &inner_d, &mut Vec::new(), &free_sender_d, &helper_sender)
+            hand_back(ctx, &inner_d, &mut Vec::new(), &free_sender_direct, &helper_sender)
         }));
         Ok(threads)
     }
