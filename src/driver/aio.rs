@@ -18,11 +18,10 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender};
-use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_before, give_to_submitter, neg_errno, SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_before, neg_errno, SlotTable, SubmitLock, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// The kernel's AIO ABI (`linux/aio_abi.h`), written out here so the crate
@@ -166,7 +165,7 @@ struct AioInner<C: IOCallbackCustom> {
     /// Held while filling slots and submitting: by the submitter thread, or
     /// by the poller right after a batch of completions (so follow-ups that
     /// inline callbacks queue go out without a thread hand-off).
-    submit: Mutex<SubmitState>,
+    submit: SubmitLock<SubmitState>,
     /// Slot ids the poller freed; drained by whoever holds `submit`.
     free_ids: Receiver<u32>,
 }
@@ -328,7 +327,7 @@ impl AioDriver {
         let (free_sender, free_ids) = channel::bounded(depth);
         let free_sender_direct = free_sender.clone();
         let submit =
-            Mutex::new(SubmitState { free: (0..depth as u32).rev().collect(), batch: Vec::with_capacity(depth) });
+            SubmitLock::new(SubmitState { free: (0..depth as u32).rev().collect(), batch: Vec::with_capacity(depth) });
         let inner =
             Arc::new(AioInner { context, destroyed: AtomicBool::new(false), slots, wake_file, submit, free_ids });
 
@@ -476,11 +475,11 @@ fn worker_submit<C: IOCallbackCustom>(
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
         let out_of_slots = {
-            let mut state = inner.submit.lock();
+            let mut state = inner.submit.lock_for_step();
             submit_step(&ctx, &inner, &mut state, &helper);
             state.free.is_empty()
         };
-        if ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots {
+        if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
         if ctx.drained() {
@@ -509,10 +508,10 @@ fn worker_submit<C: IOCallbackCustom>(
     }
 }
 
-/// The poller's side of submission: slots it freed go straight back into
-/// the free list and the queued follow-ups are submitted, when the submit
-/// lock is free. Otherwise the lock holder (the submitter) gets the ids
-/// through the channel and a wake-up. Also the direct submission step of
+/// The poller's side of submission: slots it freed go back into the free
+/// list and the queued follow-ups are submitted, unless another thread
+/// holds the submit lock; then that thread does it (see
+/// `SubmitLock::step_or_leave`). Also the direct submission step of
 /// callbacks on pool threads (with nothing freed).
 fn hand_back<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
@@ -521,17 +520,13 @@ fn hand_back<C: IOCallbackCustom>(
     free_sender: &Sender<u32>,
     helper: &Sender<u32>,
 ) {
-    let work = ctx.total_count.load(Ordering::SeqCst) > 0;
-    if freed.is_empty() && !work {
+    if freed.is_empty() && ctx.total_count.load(Ordering::SeqCst) == 0 {
         return;
     }
-    match inner.submit.try_lock() {
-        Some(mut state) => {
-            state.free.append(freed);
-            submit_step(ctx, inner, &mut state, helper);
-        }
-        None => give_to_submitter(ctx, freed, free_sender, work),
-    }
+    inner.submit.step_or_leave(freed, free_sender, |state, freed| {
+        state.free.append(freed);
+        submit_step(ctx, inner, state, helper);
+    });
 }
 
 /// Applies a result to slot `id`: completes the event, or issues the next

@@ -20,11 +20,10 @@ use crossbeam::channel::{self, Receiver, Sender};
 use io_uring::squeue::Entry;
 use io_uring::types::{Fd, FsyncFlags};
 use io_uring::{opcode, IoUring, Probe, SubmissionQueue, Submitter};
-use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_before, give_to_submitter, SlotTable, SENTINEL_DATA};
+use crate::driver::{flush_before, SlotTable, SubmitLock, SENTINEL_DATA};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
@@ -57,7 +56,7 @@ struct UringInner<C: IOCallbackCustom> {
     slots: SlotTable<UringSlot<C>>,
     sqpoll: bool,
     /// Held while filling slots and writing SQEs.
-    submit: Mutex<SubmitState>,
+    submit: SubmitLock<SubmitState>,
     /// Slot ids the poller freed, and slot ids needing their next request
     /// (short transfers); drained by whoever holds `submit`.
     free_ids: Receiver<u32>,
@@ -176,7 +175,7 @@ impl UringDriver {
             ring,
             slots,
             sqpoll: opts.sqpoll_idle_ms.is_some(),
-            submit: Mutex::new(SubmitState { free: (0..ctx.depth as u32).rev().collect() }),
+            submit: SubmitLock::new(SubmitState { free: (0..ctx.depth as u32).rev().collect() }),
             free_ids,
             retry_ids,
         });
@@ -329,12 +328,12 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
         let out_of_slots = {
-            let mut state = inner.submit.lock();
+            let mut state = inner.submit.lock_for_step();
             let mut sq = submit_step(&ctx, &inner, &mut state);
             sq.submit();
             state.free.is_empty()
         };
-        if ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots {
+        if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
         if ctx.drained() {
@@ -387,13 +386,13 @@ fn requeue_retry<C: IOCallbackCustom>(inner: &UringInner<C>, id: u32) {
     sq.submit();
 }
 
-/// The poller's side of submission: slots it freed go straight back into
-/// the free list and the queued follow-ups and retries get their SQEs, when
-/// the submit lock is free. Otherwise the lock holder (the submitter) gets
-/// the ids through the channel and a wake-up. `submit_now` hands the SQEs to
-/// the kernel at once; if false, the number published but not yet submitted
-/// is returned, for the poller's next `io_uring_enter`. Also the direct
-/// submission step of callbacks on pool threads (nothing freed, `submit_now`).
+/// The poller's side of submission: slots it freed go back into the free
+/// list and the queued follow-ups and retries get their SQEs, unless another
+/// thread holds the submit lock; then that thread does it (see
+/// `SubmitLock::step_or_leave`). `submit_now` hands the SQEs to the kernel at
+/// once; if false, the number published but not yet submitted is returned,
+/// for the poller's next `io_uring_enter`. Also the direct submission step
+/// of callbacks on pool threads (nothing freed, `submit_now`).
 fn hand_back<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &UringInner<C>,
@@ -401,29 +400,24 @@ fn hand_back<C: IOCallbackCustom>(
     free_sender: &Sender<u32>,
     submit_now: bool,
 ) -> usize {
-    let work = ctx.total_count.load(Ordering::SeqCst) > 0 || !inner.retry_ids.is_empty();
-    if freed.is_empty() && !work {
+    let has_work = || ctx.total_count.load(Ordering::SeqCst) > 0 || !inner.retry_ids.is_empty();
+    if freed.is_empty() && !has_work() {
         return 0;
     }
-    match inner.submit.try_lock() {
-        Some(mut state) => {
-            state.free.append(freed);
-            if !work {
-                return 0;
-            }
-            let mut sq = submit_step(ctx, inner, &mut state);
-            if submit_now || inner.sqpoll {
+    let mut unsubmitted = 0;
+    inner.submit.step_or_leave(freed, free_sender, |state, freed| {
+        state.free.append(freed);
+        if has_work() {
+            let mut sq = submit_step(ctx, inner, state);
+            unsubmitted = if submit_now || inner.sqpoll {
                 sq.submit();
                 0
             } else {
                 sq.publish()
-            }
+            };
         }
-        None => {
-            give_to_submitter(ctx, freed, free_sender, work);
-            0
-        }
-    }
+    });
+    unsubmitted
 }
 
 fn worker_poll<C: IOCallbackCustom>(
