@@ -134,6 +134,11 @@ def medians(runs):
     return out
 
 
+def ratios(a, b):
+    """ioe / fio for every figure both have."""
+    return {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b}
+
+
 def paired_iops_ratio(ioe_runs, fio_runs):
     """Median of the per-pair IOPS ratios (each ioe run against the fio run
     next to it in time, so drift between pairs cancels) with a 95% bootstrap
@@ -182,7 +187,7 @@ def compare(args, w, with_peer=False):
             else:
                 c_runs.append(peer_figures(run(peer_cmd(args, w))))
     a, b = medians(a_runs), medians(b_runs)
-    ratio = {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b}
+    ratio = ratios(a, b)
     paired = paired_iops_ratio(a_runs, b_runs)
     dev = (f"  device queue {a['dev_queue']:.1f} / {b['dev_queue']:.1f}" if a["dev_queue"] and b["dev_queue"] else "")
     print(f"  {w['label']:<44} ioe {a['iops']:>10.0f} IOPS  fio {b['iops']:>10.0f} IOPS  ratio {ratio['iops']:.2f}"
@@ -238,7 +243,7 @@ def pool_runs(all_results):
                     dates.append(r["date"])
         a, b = medians(ioe_runs), medians(fio_runs)
         rows.append({"label": label, "pairs": min(len(ioe_runs), len(fio_runs)), "runs_from": dates, "ioe": a,
-                     "fio": b, "ratio": {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in b},
+                     "fio": b, "ratio": ratios(a, b),
                      "paired_iops_ratio": paired_iops_ratio(ioe_runs, fio_runs)})
     return {"sources": [r["date"] for r in all_results], "rows": rows}
 

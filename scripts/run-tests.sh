@@ -2,7 +2,7 @@
 # Runs every test: source checks, the Rust unit and integration tests (both
 # backends, debug and release), then the C suite with ctest (C tests, header
 # checks, exported symbols, install + pkg-config/CMake consumers, examples).
-# Installs what it needs (cmake, pkg-config, liburing-dev) on a fresh machine.
+# Installs what it needs (cmake, pkg-config, gcc/g++, liburing-dev) on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

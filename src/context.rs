@@ -137,7 +137,7 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
 
 /// The driver's poller hand-back with nothing freed: moves queued events into
 /// slots and hands them to the kernel on the calling thread if the submit
-/// lock is free, else wakes the lock's holder.
+/// lock is free, else leaves them to the lock's holder (`SubmitLock`).
 pub(crate) type DirectSubmit<C> = Box<dyn Fn(&IoSharedContext<C>) + Send + Sync>;
 
 impl<C: IOCallbackCustom> IoSharedContext<C> {

@@ -74,8 +74,17 @@ impl<S> SubmitLock<S> {
     /// `lock` before a step: the step covers whatever the mark stood for.
     pub(crate) fn lock_for_step(&self) -> MutexGuard<'_, S> {
         let guard = self.state.lock();
-        self.step_pending.store(false, Ordering::SeqCst);
+        self.clear_mark();
         guard
+    }
+
+    /// Clears the mark before a step (under the lock). Mostly it is not set,
+    /// and a plain load spares the hand-back a locked write: a mark set after
+    /// this load is seen by the check after unlocking.
+    fn clear_mark(&self) {
+        if self.step_pending.load(Ordering::SeqCst) {
+            self.step_pending.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Whether a thread left work while the lock was held; asked after
@@ -120,7 +129,7 @@ impl<S> SubmitLock<S> {
             }
         };
         loop {
-            self.step_pending.store(false, Ordering::SeqCst);
+            self.clear_mark();
             step(&mut guard, freed);
             drop(guard);
             if !self.step_pending() {
