@@ -6,7 +6,9 @@
  * Conventions
  *   - Functions return 0 (or a non-negative value) on success and a
  *     negative errno on failure; a failed call has no effect. Text for an
- *     error: ioe_strerror().
+ *     error: ioe_strerror(). -ENOTRECOVERABLE means the library caught an
+ *     internal panic (a bug in ioengine, worth reporting), never an I/O
+ *     error; the engine stays usable.
  *   - Handles (ioe_context, ioe_workers, ioe_merger) are opaque; each is
  *     created by one function and freed by its *_destroy function.
  *   - Submission functions may be called from any number of threads at
@@ -234,6 +236,16 @@ typedef struct ioe_stats {
      * request record that travels with it.
      */
     uint64_t memory_per_slot;
+    /**
+     * io_uring: times the engine found its completion queue overflowed,
+     * plus completions the kernel dropped. Zero by design: the queues are
+     * sized so that they cannot overflow; anything else is a bug.
+     */
+    uint64_t cq_overflows;
+    /**
+     * Zero; room for counters added later without changing the size.
+     */
+    uint64_t reserved[7];
 } ioe_stats;
 
 /**

@@ -12,6 +12,7 @@ use std::thread::{self, JoinHandle};
 use crossbeam::channel::{self, Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
+use crate::driver::spawn_engine_thread;
 use crate::tasks::{IOCallbackCustom, IOEvent};
 
 thread_local! {
@@ -131,7 +132,7 @@ impl<C: IOCallbackCustom> IOWorkers<C> {
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let rx = receiver.clone();
-            let handle = thread::Builder::new().name(format!("ioe-cb-{i}")).spawn(move || {
+            let handle = spawn_engine_thread(&format!("ioe-cb-{i}"), move || {
                 for (event, tracker) in rx.iter() {
                     run_guarded(event, &tracker);
                 }

@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -14,7 +14,7 @@ use crossbeam::queue::SegQueue;
 use parking_lot::Mutex;
 
 use crate::callback_worker::{in_callback, in_callback_of, CompletionTracker, IOWorkers};
-use crate::driver::{self, Backend};
+use crate::driver::{self, ActionSet, Backend};
 use crate::tasks::{IOCallbackCustom, IOChannel, IOEvent};
 
 /// Largest queue depth a context accepts (io_uring rings hold at most 32768
@@ -51,12 +51,14 @@ impl ContextOptions {
         ContextOptions { depth, ..Default::default() }
     }
 
+    /// Checks the options whatever the backend: an option io_uring would
+    /// refuse is an error even where the context would run on AIO.
     pub(crate) fn validate(&self) -> io::Result<()> {
         if self.depth == 0 || self.depth > MAX_DEPTH {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         if let Some(cq) = self.cq_size {
-            if (cq as usize) < self.depth {
+            if (cq as usize) < self.depth || cq > crate::ring::MAX_CQ_ENTRIES {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
         }
@@ -85,6 +87,10 @@ pub struct IoStats {
     /// Engine memory per in-flight I/O: its share of `memory_bytes` plus the
     /// event record that travels with it.
     pub memory_per_slot: u64,
+    /// io_uring: times the engine found its completion queue overflowed,
+    /// plus completions the kernel dropped. Zero by design; anything else
+    /// is a bug worth reporting.
+    pub cq_overflows: u64,
 }
 
 #[derive(Default)]
@@ -93,6 +99,7 @@ pub(crate) struct Counters {
     pub(crate) completed: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) merged: AtomicU64,
+    pub(crate) cq_overflows: AtomicU64,
 }
 
 /// The state shared by the user side and the driver threads. It holds no
@@ -129,6 +136,8 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
     pub(crate) tracker: Arc<CompletionTracker>,
     /// Bytes the running driver keeps (set once when it starts).
     pub(crate) driver_bytes: AtomicUsize,
+    /// io_uring set-up flags in force (`ring::setup` bits; 0 on AIO).
+    pub(crate) setup_flags: AtomicU32,
     /// The driver's "submit now on this thread" step, used by this context's
     /// callbacks running on pool threads (see `enqueue`). Installed when the
     /// driver has started, removed by its submitter once the context drained.
@@ -162,6 +171,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
             counters: Counters::default(),
             tracker,
             driver_bytes: AtomicUsize::new(0),
+            setup_flags: AtomicU32::new(0),
             direct_submit: Mutex::new(None),
         });
         (shared, noti_receiver)
@@ -312,6 +322,10 @@ pub struct IOContext<C: IOCallbackCustom> {
     pub(crate) inner: Arc<IoSharedContext<C>>,
     pub(crate) noti_sender: Sender<()>,
     backend: Backend,
+    /// Why `Auto` runs AIO (io_uring's errno), if it does.
+    fallback_errno: Option<i32>,
+    /// Actions the driver as set up can never run (fsync on IOPOLL).
+    refused_actions: ActionSet,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -326,26 +340,38 @@ impl<C: IOCallbackCustom> IOContext<C> {
         opts.validate()?;
         let backend = driver::resolve_backend(opts.backend)?;
         let (shared, noti_receiver) = IoSharedContext::new(opts.depth, cbs.clone());
-        let (backend, threads) = driver::start(&shared, opts, backend, noti_receiver)?;
+        let started = driver::start(&shared, opts, backend, noti_receiver)?;
         Ok(Arc::new(IOContext {
             noti_sender: shared.noti_sender.clone(),
             inner: shared,
-            backend,
-            threads: Mutex::new(threads),
+            backend: started.backend,
+            fallback_errno: started.fallback_errno,
+            refused_actions: started.refused_actions,
+            threads: Mutex::new(started.threads),
         }))
     }
 
     /// Queues an event. Never blocks and never fails for a valid event; its
     /// callback runs exactly once with the result. An invalid event (zero
     /// length read/write, a range past `i64::MAX`, an event that already
-    /// completed, a fallocate with a buffer) is handed back with `EINVAL`
-    /// and no callback will run for it.
+    /// completed, a fallocate with a buffer, an fsync, fdatasync or
+    /// fallocate on an IOPOLL context) is handed back with `EINVAL` and no
+    /// callback will run for it.
     pub fn submit(&self, event: Box<IOEvent<C>>, channel: IOChannel) -> Result<(), SubmitError<C>> {
-        if let Err(errno) = event.validate() {
+        if let Err(errno) = self.check(&event) {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }
         self.enqueue_gated(event, channel)
             .map_err(|event| SubmitError { error: io::Error::from_raw_os_error(libc::ESHUTDOWN), event })
+    }
+
+    /// What `submit` refuses synchronously (an errno), before queueing.
+    pub(crate) fn check(&self, event: &IOEvent<C>) -> Result<(), i32> {
+        event.validate()?;
+        if self.refused_actions.contains(event.action()) {
+            return Err(libc::EINVAL);
+        }
+        Ok(())
     }
 
     /// Enqueues unless shutdown has started (then hands the event back).
@@ -426,6 +452,15 @@ impl<C: IOCallbackCustom> IOContext<C> {
         self.backend
     }
 
+    /// Why an `Auto` context runs on AIO: the error io_uring failed to
+    /// start with (ENOSYS: not in the kernel; EPERM/EACCES: forbidden by
+    /// `kernel.io_uring_disabled` or seccomp; EOPNOTSUPP: a needed opcode
+    /// is missing; ENOMEM: ring memory refused). None when the backend is
+    /// the one asked for, or io_uring.
+    pub fn fallback_reason(&self) -> Option<io::Error> {
+        self.fallback_errno.map(io::Error::from_raw_os_error)
+    }
+
     pub fn stats(&self) -> IoStats {
         let c = &self.inner.counters;
         IoStats {
@@ -438,6 +473,7 @@ impl<C: IOCallbackCustom> IOContext<C> {
             memory_bytes: self.inner.driver_bytes.load(Ordering::Relaxed) as u64,
             memory_per_slot: (self.inner.driver_bytes.load(Ordering::Relaxed) / self.inner.depth
                 + std::mem::size_of::<IOEvent<C>>()) as u64,
+            cq_overflows: c.cq_overflows.load(Ordering::Relaxed),
         }
     }
 

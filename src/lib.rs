@@ -25,6 +25,7 @@ pub mod context;
 pub mod driver;
 pub mod embedded_list;
 pub mod merge;
+pub(crate) mod ring;
 pub mod tasks;
 
 pub use callback_worker::{in_callback, IOWorkers};

@@ -61,7 +61,7 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
     /// with `EINVAL`.
     pub fn add_event(&mut self, event: Box<IOEvent<C>>) -> Result<(), SubmitError<C>> {
         let wrong_target = event.fd() != self.fd || event.action() != self.action;
-        if let Err(errno) = event.validate().and(if wrong_target { Err(libc::EINVAL) } else { Ok(()) }) {
+        if let Err(errno) = self.ctx.check(&event).and(if wrong_target { Err(libc::EINVAL) } else { Ok(()) }) {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }
         if !self.ctx.accepts_submissions() {

@@ -14,14 +14,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::Duration;
 
 use crossbeam::channel::{self, Receiver, Sender};
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_before, neg_errno, SlotTable, SubmitLock, SENTINEL_DATA};
+use crate::driver::{
+    flush_before, is_resource_shortage, neg_errno, spawn_engine_thread, ActionSet, Backend, Backoff, SlotTable,
+    Started, SubmitLock, SENTINEL_DATA,
+};
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// The kernel's AIO ABI (`linux/aio_abi.h`), written out here so the crate
@@ -302,11 +305,11 @@ pub struct AioDriver;
 impl AioDriver {
     /// Sets up the AIO context and starts the submitter, poller and helper
     /// threads. The io_uring options do not apply and are ignored.
-    pub fn start<C: IOCallbackCustom>(
+    pub(crate) fn start<C: IOCallbackCustom>(
         ctx: Arc<IoSharedContext<C>>,
         _opts: &ContextOptions,
         noti_receiver: Receiver<()>,
-    ) -> io::Result<Vec<JoinHandle<()>>> {
+    ) -> io::Result<Started> {
         let depth = ctx.depth;
         // SAFETY: the name is a NUL-terminated literal.
         let raw = unsafe { libc::memfd_create(c"ioengine-aio-wake".as_ptr(), libc::MFD_CLOEXEC) };
@@ -336,31 +339,24 @@ impl AioDriver {
         let mut threads = Vec::with_capacity(3);
         let spawned = (|| -> io::Result<()> {
             let inner_h = inner.clone();
-            threads.push(
-                thread::Builder::new()
-                    .name("ioe-aio-helper".into())
-                    .spawn(move || worker_helper(inner_h, helper_receiver))?,
-            );
+            threads.push(spawn_engine_thread("ioe-aio-helper", move || worker_helper(inner_h, helper_receiver))?);
             let (ctx_p, inner_p, helper_p) = (ctx.clone(), inner.clone(), helper_sender.clone());
-            threads.push(
-                thread::Builder::new()
-                    .name("ioe-aio-poll".into())
-                    .spawn(move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?,
-            );
+            threads
+                .push(spawn_engine_thread("ioe-aio-poll", move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?);
             let (ctx_s, inner_s, helper_s) = (ctx.clone(), inner.clone(), helper_sender.clone());
-            threads.push(
-                thread::Builder::new()
-                    .name("ioe-aio-submit".into())
-                    .spawn(move || worker_submit(ctx_s, inner_s, noti_receiver, helper_s))?,
-            );
+            threads.push(spawn_engine_thread("ioe-aio-submit", move || {
+                worker_submit(ctx_s, inner_s, noti_receiver, helper_s)
+            })?);
             Ok(())
         })();
         if let Err(e) = spawned {
-            // Wake a poller that may have started (nothing else is in flight),
-            // then let the helper see its channel close.
+            // Nothing was submitted. The helper ends when every sender of its
+            // channel is gone (the closures that failed to spawn dropped
+            // theirs; a poller that started keeps one until it exits), and a
+            // poller that started ends on the sentinel read.
+            drop(helper_sender);
             if threads.len() >= 2 {
-                let mut cb = wake_iocb(inner.wake_file.as_raw_fd(), SENTINEL_DATA);
-                let _ = inner.submit_one(&mut cb);
+                send_sentinel(&inner);
             }
             for t in threads {
                 let _ = t.join();
@@ -373,7 +369,7 @@ impl AioDriver {
         ctx.set_direct_submit(Box::new(move |ctx| {
             hand_back(ctx, &inner_d, &mut Vec::new(), &free_sender_direct, &helper_sender)
         }));
-        Ok(threads)
+        Ok(Started { backend: Backend::Aio, threads, fallback_errno: None, refused_actions: ActionSet::default() })
     }
 }
 
@@ -501,10 +497,20 @@ fn worker_submit<C: IOCallbackCustom>(
     // helper sender). The sentinel read wakes the poller, which destroys the
     // context and exits.
     drop(direct);
+    send_sentinel(&inner);
+}
+
+/// Submits the zero-length read that tells the poller to exit once every
+/// slot is free. Runs on the submitter (or the starting) thread, which may
+/// wait for the kernel to find room.
+fn send_sentinel<C: IOCallbackCustom>(inner: &AioInner<C>) {
     let mut sentinel = wake_iocb(inner.wake_file.as_raw_fd(), SENTINEL_DATA);
+    let mut backoff = Backoff::new();
     while let Err(e) = inner.submit_one(&mut sentinel) {
-        eprintln!("ioengine: AIO shutdown sentinel submit failed: {e}; retrying");
-        thread::sleep(Duration::from_millis(1));
+        if !is_resource_shortage(&e) {
+            eprintln!("ioengine: AIO shutdown sentinel submit failed: {e}; retrying");
+        }
+        backoff.pause();
     }
 }
 

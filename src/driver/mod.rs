@@ -8,16 +8,18 @@ pub mod uring;
 use std::cell::UnsafeCell;
 use std::fmt;
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::str::FromStr;
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use crossbeam::channel::{Receiver, Sender};
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::context::{ContextOptions, IoSharedContext};
-use crate::tasks::IOCallbackCustom;
+use crate::tasks::{IOAction, IOCallbackCustom};
 
 /// Largest number of completions a poller handles before it submits the
 /// follow-ups their callbacks queued.
@@ -143,6 +145,90 @@ impl<S> SubmitLock<S> {
     }
 }
 
+/// Spawns an engine thread. Its body must not panic: the engine's state
+/// would be left half-updated, with I/O in flight whose buffers the kernel
+/// may still write, so a panic there (a bug in the engine, never a user
+/// callback, which runs guarded) ends the process with a message rather
+/// than leaving `ioe_context_destroy` waiting for ever.
+pub(crate) fn spawn_engine_thread<F>(name: &str, body: F) -> io::Result<JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    #[cfg(test)]
+    fault::before_spawn()?;
+    let thread_name = name.to_string();
+    thread::Builder::new().name(name.to_string()).spawn(move || {
+        if panic::catch_unwind(AssertUnwindSafe(body)).is_err() {
+            eprintln!("ioengine: internal error: engine thread {thread_name} panicked; aborting");
+            std::process::abort();
+        }
+    })
+}
+
+/// Test-only fault injection: make the n-th next thread spawn fail.
+#[cfg(test)]
+pub(crate) mod fault {
+    use std::cell::Cell;
+    use std::io;
+
+    thread_local! {
+        /// Spawns left before one fails (on this thread), if set.
+        static SPAWNS_BEFORE_FAILURE: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// The `n`-th spawn from now (0 = the next) on this thread fails with EAGAIN.
+    pub(crate) fn fail_spawn_after(n: Option<usize>) {
+        SPAWNS_BEFORE_FAILURE.with(|c| c.set(n));
+    }
+
+    pub(super) fn before_spawn() -> io::Result<()> {
+        SPAWNS_BEFORE_FAILURE.with(|c| match c.get() {
+            Some(0) => {
+                c.set(None);
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            }
+            Some(n) => {
+                c.set(Some(n - 1));
+                Ok(())
+            }
+            None => Ok(()),
+        })
+    }
+}
+
+/// Pauses between retries of a call the kernel refused for lack of
+/// resources (EAGAIN, ENOMEM, EBUSY): 50 us, doubling up to 10 ms, so a
+/// thread that has nothing else to do neither spins nor gives up on I/O
+/// it owns. Only for engine threads that may sleep (the submitter, the AIO
+/// helper); never the poller or a caller's thread.
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_micros(50);
+    const LONGEST: Duration = Duration::from_millis(10);
+
+    pub(crate) fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    pub(crate) fn pause(&mut self) {
+        thread::sleep(self.next);
+        self.next = (self.next * 2).min(Self::LONGEST);
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+/// Whether an error from the kernel means "try again later" rather than a
+/// bug in how the engine calls it.
+pub(crate) fn is_resource_shortage(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EAGAIN) | Some(libc::ENOMEM) | Some(libc::EBUSY) | Some(libc::EINTR))
+}
+
 pub use aio::AioDriver;
 pub use uring::{uring_supported, UringDriver};
 
@@ -206,21 +292,63 @@ pub(crate) fn resolve_backend(requested: Backend) -> io::Result<Backend> {
     }
 }
 
-/// Starts the driver for `backend` and returns the backend that runs and
-/// the driver's threads. `Auto` falls back to AIO when io_uring cannot
-/// start for any reason; an explicit choice never falls back.
+/// What a started driver reports to its context.
+pub(crate) struct Started {
+    /// The backend running (never `Auto`).
+    pub backend: Backend,
+    pub threads: Vec<JoinHandle<()>>,
+    /// Why `Auto` runs AIO: the errno that io_uring failed with.
+    pub fallback_errno: Option<i32>,
+    /// Actions the backend can never run as set up (fsync on an IOPOLL
+    /// ring): refused at submission with EINVAL.
+    pub refused_actions: ActionSet,
+}
+
+/// A set of `IOAction`s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ActionSet(u8);
+
+impl ActionSet {
+    pub(crate) fn of(actions: &[IOAction]) -> Self {
+        ActionSet(actions.iter().fold(0, |set, &a| set | 1 << a as u8))
+    }
+
+    pub(crate) fn contains(self, action: IOAction) -> bool {
+        self.0 & (1 << action as u8) != 0
+    }
+}
+
+/// Whether an io_uring start failure means io_uring cannot run here at
+/// all (not built into the kernel, forbidden by `kernel.io_uring_disabled`
+/// or seccomp, missing opcodes, ring memory refused), so that `Auto` may
+/// use AIO. Anything else (invalid options, no threads) is the caller's
+/// error on either backend.
+fn uring_unavailable(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EOPNOTSUPP) | Some(libc::ENOMEM)
+    )
+}
+
+/// Starts the driver for `backend`. `Auto` falls back to AIO only when
+/// io_uring is unavailable (see `uring_unavailable`); an explicit choice
+/// never falls back.
 pub(crate) fn start<C: IOCallbackCustom>(
     shared: &Arc<IoSharedContext<C>>,
     opts: &ContextOptions,
     backend: Backend,
     noti_receiver: Receiver<()>,
-) -> io::Result<(Backend, Vec<JoinHandle<()>>)> {
+) -> io::Result<Started> {
     match backend {
-        Backend::Uring => UringDriver::start(shared.clone(), opts, noti_receiver).map(|t| (Backend::Uring, t)),
-        Backend::Aio => AioDriver::start(shared.clone(), opts, noti_receiver).map(|t| (Backend::Aio, t)),
+        Backend::Uring => UringDriver::start(shared.clone(), opts, noti_receiver),
+        Backend::Aio => AioDriver::start(shared.clone(), opts, noti_receiver),
         Backend::Auto => match UringDriver::start(shared.clone(), opts, noti_receiver.clone()) {
-            Ok(threads) => Ok((Backend::Uring, threads)),
-            Err(_) => AioDriver::start(shared.clone(), opts, noti_receiver).map(|t| (Backend::Aio, t)),
+            Err(e) if uring_unavailable(&e) => {
+                let mut started = AioDriver::start(shared.clone(), opts, noti_receiver)?;
+                started.fallback_errno = e.raw_os_error();
+                Ok(started)
+            }
+            started => started,
         },
     }
 }
@@ -261,10 +389,54 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Barrier;
     use std::thread;
+    use std::time::Duration;
 
     use crossbeam::channel;
 
-    use super::{flush_before, SubmitLock, FLUSH_EVERY};
+    use super::{fault, flush_before, Backend, SubmitLock, FLUSH_EVERY};
+    use crate::callback_worker::IOWorkers;
+    use crate::context::{ContextOptions, IOContext};
+    use crate::tasks::ClosureCb;
+
+    /// Every thread a context or a pool starts may fail to start: creation
+    /// then fails with EAGAIN, promptly (threads already started are ended
+    /// and joined), whatever the backend and wherever the failure falls.
+    #[test]
+    fn a_thread_that_cannot_start_fails_creation_with_eagain() {
+        for backend in [Backend::Uring, Backend::Aio, Backend::Auto] {
+            for pool in [0, 2] {
+                for nth in 0..6 {
+                    let (done, outcome) = channel::bounded(1);
+                    thread::spawn(move || {
+                        fault::fail_spawn_after(Some(nth));
+                        let workers = IOWorkers::<ClosureCb>::new(pool);
+                        let result = workers.and_then(|workers| {
+                            let opts = ContextOptions { backend, ..ContextOptions::with_depth(4) };
+                            IOContext::with_options(&opts, &workers).map(|ctx| ctx.backend())
+                        });
+                        fault::fail_spawn_after(None);
+                        let _ = done.send(result.map_err(|e| e.raw_os_error()));
+                    });
+                    let result = outcome
+                        .recv_timeout(Duration::from_secs(60))
+                        .unwrap_or_else(|_| panic!("{backend} pool {pool}: creation hung with spawn {nth} failing"));
+                    match result {
+                        Ok(running) => {
+                            let threads = pool + if running == Backend::Aio { 3 } else { 2 };
+                            assert!(nth >= threads, "{backend} pool {pool}: spawn {nth} failed and creation succeeded");
+                        }
+                        Err(errno) => {
+                            if errno == Some(libc::ENOSYS) || errno == Some(libc::EPERM) {
+                                eprintln!("skipped {backend}: unavailable here");
+                                break;
+                            }
+                            assert_eq!(errno, Some(libc::EAGAIN), "{backend} pool {pool} spawn {nth}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Threads leave work (a unit, and a freed id) and call `step_or_leave`
     /// at the same moment, round after round; the step takes all of both

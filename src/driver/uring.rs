@@ -1,30 +1,35 @@
 //! The io_uring driver: one ring per context, a submitter thread and a
 //! poller thread. The poller alone reads the completion queue. The
 //! submission queue and the free-slot list belong to whoever holds the
-//! `submit` lock: the submitter thread, or the poller right after a batch of
-//! completions, so follow-up requests that inline callbacks queue go out in
-//! the same `io_uring_enter` that waits for the next completions (no thread
-//! hand-off, no extra syscall).
+//! `submit` lock: the submitter thread, the poller right after a batch of
+//! completions (so follow-up requests that inline callbacks queue go out in
+//! the same `io_uring_enter` that waits for the next completions), or a
+//! pool thread submitting its callback's follow-ups.
 //!
 //! A slot is only the event pointer; the slot id travels as the SQE's
-//! `user_data`. Both queues have room for `depth` entries; at most `depth`
-//! I/Os are in flight and the shutdown NOP is sent only when none is, so
-//! neither queue can overflow.
+//! `user_data`. Both queues have room for `depth` entries and neither can
+//! overflow: at most `depth` I/Os are in flight, the poller publishes each
+//! completion's removal from the CQ before the slot can be reused (so a
+//! slot never holds an unreaped completion and an I/O in flight at once),
+//! and the shutdown NOP is only sent once every slot is free.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
 use crossbeam::channel::{self, Receiver, Sender};
 use io_uring::squeue::Entry;
 use io_uring::types::{Fd, FsyncFlags};
-use io_uring::{opcode, IoUring, Probe, SubmissionQueue, Submitter};
+use io_uring::{opcode, IoUring};
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
-use crate::driver::{flush_before, SlotTable, SubmitLock, SENTINEL_DATA};
-use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
+use crate::driver::{
+    flush_before, is_resource_shortage, spawn_engine_thread, ActionSet, Backend, Backoff, SlotTable, Started,
+    SubmitLock, SENTINEL_DATA,
+};
+use crate::ring::{probe_opcodes, setup, RingConfig, SqWriter};
+use crate::tasks::{IOAction, IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
 const ENTER_GETEVENTS: u32 = 1;
@@ -39,6 +44,9 @@ const REQUIRED_OPCODES: [u8; 7] = [
     opcode::Fsync::CODE,
     opcode::Fallocate::CODE,
 ];
+
+/// What an IOPOLL ring cannot run (the kernel fails them at preparation).
+const NOT_ON_IOPOLL: [IOAction; 3] = [IOAction::Fsync, IOAction::Fdatasync, IOAction::Fallocate];
 
 /// io_uring's slot: just the event that is in flight.
 pub struct UringSlot<C: IOCallbackCustom> {
@@ -55,12 +63,21 @@ struct UringInner<C: IOCallbackCustom> {
     ring: IoUring,
     slots: SlotTable<UringSlot<C>>,
     sqpoll: bool,
+    iopoll: bool,
     /// Held while filling slots and writing SQEs.
     submit: SubmitLock<SubmitState>,
     /// Slot ids the poller freed, and slot ids needing their next request
     /// (short transfers); drained by whoever holds `submit`.
     free_ids: Receiver<u32>,
     retry_ids: Receiver<u32>,
+    /// Set while the kernel refuses submissions (EAGAIN and the like): the
+    /// entries wait in the SQ and only the submitter thread retries, with
+    /// back-off, so the poller and pool threads never spin on it.
+    stalled: AtomicBool,
+    /// IOPOLL only: the poller sleeps here while nothing is in flight (an
+    /// IOPOLL ring does not block in `io_uring_enter`); every submission
+    /// from another thread rings it.
+    idle_wake: Option<(Sender<()>, Receiver<()>)>,
 }
 
 impl<C: IOCallbackCustom> UringInner<C> {
@@ -73,12 +90,62 @@ impl<C: IOCallbackCustom> UringInner<C> {
 
     /// The submission queue, for the holder of `submit`.
     fn sq_writer(&self, _lock: &mut SubmitState) -> SqWriter<'_> {
-        SqWriter {
-            // SAFETY: the `submit` lock (proved by the borrowed state) makes
-            // this the only SubmissionQueue in existence.
-            sq: unsafe { self.ring.submission_shared() },
-            submitter: self.ring.submitter(),
-            sqpoll: self.sqpoll,
+        // SAFETY: the `submit` lock (proved by the borrowed state) makes this
+        // the only SubmissionQueue in existence.
+        unsafe { SqWriter::new(&self.ring, self.sqpoll) }
+    }
+
+    /// Queues an entry. The SQ has room for every slot and the NOP is only
+    /// sent when all are free, so it is never full; if it were, submitting
+    /// frees room.
+    fn push(&self, sq: &mut SqWriter<'_>, entry: &Entry) {
+        // SAFETY: the entry points into an event parked in its slot (or at
+        // nothing, for the NOP); the event stays there, untouched, until the
+        // poller reaps this entry's completion.
+        if unsafe { sq.push(entry) }.is_ok() {
+            return;
+        }
+        let _ = sq.submit();
+        // SAFETY: as above.
+        if unsafe { sq.push(entry) }.is_err() {
+            unreachable!("io_uring submission queue full with at most depth entries outstanding");
+        }
+    }
+
+    /// Hands the queued entries to the kernel from a thread that must not
+    /// wait: the poller or a pool thread. If the kernel refuses them for
+    /// now, they stay queued for the submitter thread, which retries.
+    fn submit_or_defer(&self, ctx: &IoSharedContext<C>, sq: &mut SqWriter<'_>) {
+        if self.stalled.load(Ordering::SeqCst) {
+            sq.publish();
+            return;
+        }
+        match sq.submit() {
+            Ok(()) => self.wake_idle_poller(),
+            Err(e) => self.stall(ctx, &e),
+        }
+    }
+
+    /// Records that the kernel refused a submission and hands the retry to
+    /// the submitter thread.
+    fn stall(&self, ctx: &IoSharedContext<C>, err: &io::Error) {
+        if !self.stalled.swap(true, Ordering::SeqCst) && !is_resource_shortage(err) {
+            eprintln!("ioengine: io_uring_enter(submit) failed: {err}; retrying");
+        }
+        let _ = ctx.noti_sender.try_send(());
+    }
+
+    fn wake_idle_poller(&self) {
+        if let Some((wake, _)) = &self.idle_wake {
+            let _ = wake.try_send(());
+        }
+    }
+
+    /// Counts an overflow of the completion queue if the kernel flags one
+    /// (impossible by construction; the statistics would show a bug).
+    fn note_overflow(&self, ctx: &IoSharedContext<C>, sq: &SqWriter<'_>) {
+        if sq.cq_overflowed() {
+            ctx.counters.cq_overflows.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -100,46 +167,42 @@ pub fn uring_supported() -> bool {
 /// batch, so nothing waits longer and the interrupts go: sequential
 /// buffered writes, which complete on io-wq threads one by one, ran about
 /// 3x faster here. Pool threads run user callbacks of any length between
-/// system calls, so pool-mode rings keep the default. Kernels before 5.19
-/// refuse the flag; the ring is then built without it.
-fn build_ring(opts: &ContextOptions, cooperative: bool) -> io::Result<IoUring> {
-    if cooperative {
-        match build_ring_with(opts, true) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            built => return built,
-        }
-    }
-    build_ring_with(opts, false)
-}
-
-fn build_ring_with(opts: &ContextOptions, coop_taskrun: bool) -> io::Result<IoUring> {
-    let mut builder = IoUring::builder();
-    if coop_taskrun {
-        builder.setup_coop_taskrun();
-    }
-    if let Some(idle) = opts.sqpoll_idle_ms {
-        builder.setup_sqpoll(idle);
-    }
-    if opts.iopoll {
-        builder.setup_iopoll();
-    }
+/// system calls, so pool-mode rings keep the default.
+///
+/// Every ring asks for IORING_SETUP_SUBMIT_ALL (5.18): without it the
+/// kernel stops consuming the SQ at the first entry that fails at
+/// preparation (a buffer address it refuses), and the rest wait for the
+/// next submission. Older kernels get the flags they know; the driver then
+/// submits again whatever the kernel left.
+fn build_ring(opts: &ContextOptions, cooperative: bool) -> io::Result<(IoUring, u32)> {
     // depth entries suffice: at most depth I/Os are in flight, and the
     // shutdown NOP is only sent once none is. The completion queue defaults
     // to the same size (the kernel's default is twice the SQ) to keep the
-    // ring's memory per slot small.
+    // ring's memory per slot small; see the module documentation for why it
+    // cannot overflow.
     let entries = u32::try_from(opts.depth).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    builder.setup_cqsize(opts.cq_size.unwrap_or(entries));
-    let ring = builder.build(entries)?;
-    let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    if REQUIRED_OPCODES.iter().any(|&op| !probe.is_supported(op)) {
-        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    let mut optional = vec![setup::SUBMIT_ALL];
+    #[cfg(test)]
+    if tests::WITHOUT_SUBMIT_ALL.with(|w| w.get()) {
+        optional.clear();
     }
-    let params = ring.params();
+    if cooperative {
+        optional.push(setup::COOP_TASKRUN);
+    }
+    let config = RingConfig {
+        entries,
+        cq_entries: Some(opts.cq_size.unwrap_or(entries)),
+        sqpoll_idle_ms: opts.sqpoll_idle_ms,
+        iopoll: opts.iopoll,
+        optional,
+    };
+    let built = config.build()?;
+    probe_opcodes(&built.ring, &REQUIRED_OPCODES)?;
+    let params = built.ring.params();
     if (params.sq_entries() as usize) < opts.depth || (params.cq_entries() as usize) < opts.depth {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    Ok(ring)
+    Ok((built.ring, built.flags))
 }
 
 /// What the driver keeps per context: slots, the free list and the two
@@ -158,57 +221,78 @@ pub struct UringDriver;
 
 impl UringDriver {
     /// Sets up the ring and starts the submitter and poller threads.
-    pub fn start<C: IOCallbackCustom>(
+    pub(crate) fn start<C: IOCallbackCustom>(
         ctx: Arc<IoSharedContext<C>>,
         opts: &ContextOptions,
         noti_receiver: Receiver<()>,
-    ) -> io::Result<Vec<JoinHandle<()>>> {
-        let ring = build_ring(opts, ctx.cb_workers.is_inline())?;
+    ) -> io::Result<Started> {
+        let (ring, flags) = build_ring(opts, ctx.cb_workers.is_inline())?;
         ctx.driver_bytes.store(memory_bytes::<C>(&ring, ctx.depth), Ordering::Relaxed);
+        ctx.setup_flags.store(flags, Ordering::Relaxed);
         let slots = SlotTable::new(ctx.depth, || UringSlot { event: None });
         // Each slot id is in at most one message at a time, so `depth`
         // capacity never blocks the poller.
         let (free_sender, free_ids) = channel::bounded(ctx.depth);
         let free_sender_direct = free_sender.clone();
         let (retry_sender, retry_ids) = channel::bounded(ctx.depth);
+        let iopoll = flags & setup::IOPOLL != 0;
         let inner = Arc::new(UringInner {
             ring,
             slots,
-            sqpoll: opts.sqpoll_idle_ms.is_some(),
+            sqpoll: flags & setup::SQPOLL != 0,
+            iopoll,
             submit: SubmitLock::new(SubmitState { free: (0..ctx.depth as u32).rev().collect() }),
             free_ids,
             retry_ids,
+            stalled: AtomicBool::new(false),
+            idle_wake: iopoll.then(|| channel::bounded(1)),
         });
 
         let (ctx_poll, inner_poll) = (ctx.clone(), inner.clone());
-        let poller = thread::Builder::new()
-            .name("ioe-uring-poll".into())
-            .spawn(move || worker_poll(ctx_poll, inner_poll, free_sender, retry_sender))?;
+        let poller = spawn_engine_thread("ioe-uring-poll", move || {
+            Poller::new(ctx_poll, inner_poll, free_sender, retry_sender).run()
+        })?;
         let (ctx_direct, inner_direct) = (ctx.clone(), inner.clone());
         let inner_submit = inner.clone();
-        let submitter = thread::Builder::new()
-            .name("ioe-uring-submit".into())
-            .spawn(move || worker_submit(ctx, inner_submit, noti_receiver));
+        let submitter =
+            spawn_engine_thread("ioe-uring-submit", move || worker_submit(ctx, inner_submit, noti_receiver));
         match submitter {
             Ok(submitter) => {
                 ctx_direct.set_direct_submit(Box::new(move |ctx| {
-                    hand_back(ctx, &inner_direct, &mut Vec::new(), &free_sender_direct, true);
+                    hand_back(ctx, &inner_direct, &mut Vec::new(), &free_sender_direct, Hand::SubmitNow, false);
                 }));
-                Ok(vec![submitter, poller])
+                let refused_actions = if iopoll { ActionSet::of(&NOT_ON_IOPOLL) } else { ActionSet::default() };
+                Ok(Started {
+                    backend: Backend::Uring,
+                    threads: vec![submitter, poller],
+                    fallback_errno: None,
+                    refused_actions,
+                })
             }
             Err(e) => {
                 // Nothing was submitted: the NOP alone lets the poller exit.
-                let mut state = inner.submit.lock();
-                let mut sq = inner.sq_writer(&mut state);
-                sq.push(&opcode::Nop::new().build().user_data(SENTINEL_DATA));
-                sq.submit();
-                drop(sq);
-                drop(state);
+                send_sentinel(&inner);
                 let _ = poller.join();
                 Err(e)
             }
         }
     }
+}
+
+/// Submits the NOP that tells the poller to exit once every slot is free.
+/// Runs on the submitter thread (or the starting thread), which may wait.
+fn send_sentinel<C: IOCallbackCustom>(inner: &UringInner<C>) {
+    let mut state = inner.submit.lock();
+    let mut sq = inner.sq_writer(&mut state);
+    inner.push(&mut sq, &opcode::Nop::new().build().user_data(SENTINEL_DATA));
+    let mut backoff = Backoff::new();
+    while let Err(e) = sq.submit() {
+        if !is_resource_shortage(&e) {
+            eprintln!("ioengine: io_uring shutdown NOP submit failed: {e}; retrying");
+        }
+        backoff.pause();
+    }
+    inner.wake_idle_poller();
 }
 
 /// Builds the SQE for the next request of the event in slot `id`.
@@ -224,57 +308,6 @@ fn prepare<C: IOCallbackCustom>(event: &mut IOEvent<C>, id: u32) -> Entry {
         IoRequest::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build(),
     };
     entry.user_data(id as u64)
-}
-
-/// The submission queue as seen by the holder of the submit lock.
-struct SqWriter<'a> {
-    sq: SubmissionQueue<'a>,
-    submitter: Submitter<'a>,
-    sqpoll: bool,
-}
-
-impl SqWriter<'_> {
-    fn push(&mut self, entry: &Entry) {
-        loop {
-            // SAFETY: the entry points into an event parked in its slot (or at
-            // nothing, for the NOP); the event stays there, untouched, until the
-            // poller reaps this entry's completion.
-            if unsafe { self.sq.push(entry) }.is_ok() {
-                return;
-            }
-            // Not reachable with at most depth entries outstanding, but a full
-            // queue only needs the kernel to consume entries.
-            self.submit();
-            thread::yield_now();
-        }
-    }
-
-    /// Publishes the queued SQEs and returns how many the kernel has not
-    /// consumed yet.
-    fn publish(&mut self) -> usize {
-        self.sq.sync();
-        self.sq.len()
-    }
-
-    /// Hands every queued SQE to the kernel (one syscall for the batch).
-    fn submit(&mut self) {
-        while self.publish() > 0 {
-            match self.submitter.submit() {
-                Ok(_) if self.sqpoll => return, // the kernel thread consumes them
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    // EAGAIN/EBUSY: the kernel is short of memory or has a
-                    // completion backlog the poller is draining. Nothing else is
-                    // expected; report it and retry rather than drop I/Os.
-                    if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY)) {
-                        eprintln!("ioengine: io_uring_enter(submit) failed: {e}; retrying");
-                    }
-                    thread::yield_now();
-                }
-            }
-        }
-    }
 }
 
 /// Fills free slots straight from the queues, writing one SQE per event.
@@ -295,7 +328,7 @@ impl<C: IOCallbackCustom> SlotCollection<C> for UringFiller<'_, '_, C> {
         // SAFETY: `id` came from the free list, so the lock holder owns the slot.
         let slot = unsafe { self.inner.slot(id) };
         let entry = prepare(slot.event.insert(event), id);
-        self.sq.push(&entry);
+        self.inner.push(self.sq, &entry);
     }
 }
 
@@ -308,6 +341,7 @@ fn submit_step<'a, C: IOCallbackCustom>(
     state: &mut SubmitState,
 ) -> SqWriter<'a> {
     let mut sq = inner.sq_writer(state);
+    inner.note_overflow(ctx, &sq);
     for id in inner.retry_ids.try_iter() {
         push_next_request(inner, &mut sq, id);
     }
@@ -323,16 +357,34 @@ fn submit_step<'a, C: IOCallbackCustom>(
 
 fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<UringInner<C>>, noti: Receiver<()>) {
     let direct = ctx.direct_submit_guard();
+    let mut backoff = Backoff::new();
     loop {
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
-        let out_of_slots = {
+        let (out_of_slots, refused) = {
             let mut state = inner.submit.lock_for_step();
             let mut sq = submit_step(&ctx, &inner, &mut state);
-            sq.submit();
-            state.free.is_empty()
+            let refused = match sq.submit() {
+                Ok(()) => {
+                    inner.stalled.store(false, Ordering::SeqCst);
+                    inner.wake_idle_poller();
+                    false
+                }
+                Err(e) => {
+                    inner.stall(&ctx, &e);
+                    true
+                }
+            };
+            (state.free.is_empty(), refused)
         };
+        if refused {
+            // The kernel is short of memory: entries wait in the SQ (their
+            // slots stay busy, so nothing is lost) until it takes them.
+            backoff.pause();
+            continue;
+        }
+        backoff.reset();
         if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
@@ -360,10 +412,7 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
     // share of the ring). The NOP wakes the poller, which finds every slot
     // free and exits.
     drop(direct);
-    let mut state = inner.submit.lock();
-    let mut sq = inner.sq_writer(&mut state);
-    sq.push(&opcode::Nop::new().build().user_data(SENTINEL_DATA));
-    sq.submit();
+    send_sentinel(&inner);
 }
 
 /// Writes the SQE for the next request of slot `id` (a short transfer's
@@ -374,128 +423,284 @@ fn push_next_request<C: IOCallbackCustom>(inner: &UringInner<C>, sq: &mut SqWrit
     let slot = unsafe { inner.slot(id) };
     if let Some(event) = slot.event.as_mut() {
         let entry = prepare(event, id);
-        sq.push(&entry);
+        inner.push(sq, &entry);
     }
 }
 
-/// A retry id taken off the channel while waiting: issue its request now.
+/// A retry id taken off the channel while waiting: queue its request; the
+/// submitter's next step submits it.
 fn requeue_retry<C: IOCallbackCustom>(inner: &UringInner<C>, id: u32) {
     let mut state = inner.submit.lock();
     let mut sq = inner.sq_writer(&mut state);
     push_next_request(inner, &mut sq, id);
-    sq.submit();
+    sq.publish();
+}
+
+/// What `hand_back` does with the entries it writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hand {
+    /// Submit them now (pool threads, and the poller mid-batch).
+    SubmitNow,
+    /// Leave them published for the poller's next `io_uring_enter`, and say
+    /// how many wait.
+    Publish,
 }
 
 /// The poller's side of submission: slots it freed go back into the free
 /// list and the queued follow-ups and retries get their SQEs, unless another
 /// thread holds the submit lock; then that thread does it (see
-/// `SubmitLock::step_or_leave`). `submit_now` hands the SQEs to the kernel at
-/// once; if false, the number published but not yet submitted is returned,
-/// for the poller's next `io_uring_enter`. Also the direct submission step
-/// of callbacks on pool threads (nothing freed, `submit_now`).
+/// `SubmitLock::step_or_leave`). Also the direct submission step of
+/// callbacks on pool threads (nothing freed, `SubmitNow`). Entries the
+/// kernel left in the SQ (a pass that ended early) go with the new ones;
+/// `leftover` says there may be some even if nothing else is to do.
+/// Returns how many entries wait in the SQ for the caller to submit.
 fn hand_back<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &UringInner<C>,
     freed: &mut Vec<u32>,
     free_sender: &Sender<u32>,
-    submit_now: bool,
+    hand: Hand,
+    leftover: bool,
 ) -> usize {
     let has_work = || ctx.total_count.load(Ordering::SeqCst) > 0 || !inner.retry_ids.is_empty();
-    if freed.is_empty() && !has_work() {
+    if freed.is_empty() && !has_work() && !leftover {
         return 0;
     }
     let mut unsubmitted = 0;
     inner.submit.step_or_leave(freed, free_sender, |state, freed| {
         state.free.append(freed);
-        if has_work() {
-            let mut sq = submit_step(ctx, inner, state);
-            unsubmitted = if submit_now || inner.sqpoll {
-                sq.submit();
-                0
-            } else {
-                sq.publish()
-            };
-        }
+        let mut sq = if has_work() { submit_step(ctx, inner, state) } else { inner.sq_writer(state) };
+        unsubmitted = if hand == Hand::SubmitNow || inner.sqpoll || inner.stalled.load(Ordering::SeqCst) {
+            inner.submit_or_defer(ctx, &mut sq);
+            0
+        } else {
+            sq.publish()
+        };
     });
     unsubmitted
 }
 
-fn worker_poll<C: IOCallbackCustom>(
+/// The poller thread's state.
+struct Poller<C: IOCallbackCustom> {
     ctx: Arc<IoSharedContext<C>>,
     inner: Arc<UringInner<C>>,
     free_sender: Sender<u32>,
     retry_sender: Sender<u32>,
-) {
-    // Callbacks that run inline here queue follow-ups without waking the
-    // submitter: this thread submits them after the batch.
-    let _mark = PollerMark::set(&ctx);
-    // SAFETY: this thread is the only one that ever touches the completion queue.
-    let mut cq = unsafe { inner.ring.completion_shared() };
-    let submitter = inner.ring.submitter();
-    let mut exiting = false;
-    let mut freed: Vec<u32> = Vec::with_capacity(ctx.depth);
-    loop {
-        cq.sync();
-        let batch = cq.len();
-        for (n, cqe) in (&mut cq).enumerate() {
-            // Hand the follow-ups queued so far to the kernel as the batch
-            // goes, not at its end: the device gets work back sooner.
-            if flush_before(n, batch) {
-                hand_back(&ctx, &inner, &mut freed, &free_sender, true);
+    /// Slots freed since the last hand-back.
+    freed: Vec<u32>,
+    /// The last `io_uring_enter` consumed fewer entries than it was given.
+    leftover: bool,
+    exiting: bool,
+}
+
+impl<C: IOCallbackCustom> Poller<C> {
+    fn new(
+        ctx: Arc<IoSharedContext<C>>,
+        inner: Arc<UringInner<C>>,
+        free_sender: Sender<u32>,
+        retry_sender: Sender<u32>,
+    ) -> Self {
+        let freed = Vec::with_capacity(ctx.depth);
+        Poller { ctx, inner, free_sender, retry_sender, freed, leftover: false, exiting: false }
+    }
+
+    fn run(mut self) {
+        // Callbacks that run inline here queue follow-ups without waking the
+        // submitter: this thread submits them after the batch.
+        let _mark = PollerMark::set(&self.ctx);
+        let inner = self.inner.clone();
+        // SAFETY: this thread is the only one that ever touches the completion queue.
+        let mut cq = unsafe { inner.ring.completion_shared() };
+        let submitter = inner.ring.submitter();
+        let mut dropped_seen = cq.overflow();
+        loop {
+            cq.sync();
+            let batch = cq.len();
+            for n in 0..batch {
+                // Hand the follow-ups queued so far to the kernel as the batch
+                // goes, not at its end: the device gets work back sooner.
+                if flush_before(n, batch) {
+                    self.hand_back(Hand::SubmitNow);
+                }
+                let Some(cqe) = cq.next() else { break };
+                // Publish the entry's removal before acting on it: once its
+                // slot can be reused (or its callback lets the context shut
+                // down), its completion no longer takes room in the CQ.
+                cq.sync();
+                self.complete_one(cqe.user_data(), cqe.result());
             }
-            let data = cqe.user_data();
-            if data == SENTINEL_DATA {
-                exiting = true;
+            let dropped = cq.overflow();
+            if dropped != dropped_seen {
+                // Completions the kernel could not keep: impossible by the
+                // sizing above, counted so that a kernel surprise shows.
+                let lost = dropped.wrapping_sub(dropped_seen);
+                self.ctx.counters.cq_overflows.fetch_add(lost as u64, Ordering::Relaxed);
+                eprintln!("ioengine: the kernel dropped {lost} io_uring completions");
+                dropped_seen = dropped;
+            }
+            cq.sync();
+            let more_ready = !cq.is_empty();
+            if self.exiting && !more_ready && self.ctx.free_slots_count.load(Ordering::SeqCst) == self.ctx.depth {
+                return;
+            }
+            // Give the freed slots back and submit what the batch queued
+            // (follow-ups, retries) before reaping more, so the device never
+            // waits for this loop.
+            let to_submit = self.hand_back(Hand::Publish);
+            if more_ready && to_submit == 0 {
                 continue;
             }
-            let id = data as u32;
-            // SAFETY: the kernel returned this slot's request, so its submitter
-            // has handed the slot over and does not touch it now.
-            let slot = unsafe { inner.slot(id) };
-            let Some(event) = slot.event.as_mut() else { continue };
-            match event.apply_result(cqe.result() as i64) {
-                Progress::Resubmit => {
-                    let _ = retry_sender.send(id);
+            if to_submit == 0 && self.inner.iopoll && self.idle_on_iopoll(&mut cq) {
+                continue;
+            }
+            // Submit (if anything) and, unless completions are already waiting,
+            // wait for at least one, in one call.
+            let (min_complete, flags) = if more_ready { (0, 0) } else { (1, ENTER_GETEVENTS) };
+            // SAFETY: plain io_uring_enter with no argument pointer.
+            match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, min_complete, flags, None) } {
+                Ok(consumed) if consumed < to_submit => {
+                    // The kernel ended its pass early (a kernel without
+                    // SUBMIT_ALL met an entry failing at preparation), or
+                    // another thread submitted meanwhile: the next hand-back
+                    // submits whatever is left. The call did not wait.
+                    self.leftover = true;
                 }
-                Progress::Complete => {
-                    let event = slot.event.take();
-                    ctx.free_slots_count.fetch_add(1, Ordering::SeqCst);
-                    freed.push(id);
-                    if let Some(event) = event {
-                        ctx.complete(event);
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    // Entries this call did not take stay in the ring for the
+                    // submitter thread, which retries with back-off; from here
+                    // on this thread only waits (never spins on the error).
+                    if to_submit > 0 {
+                        self.inner.stall(&self.ctx, &e);
+                    } else if !is_resource_shortage(&e) {
+                        eprintln!("ioengine: io_uring_enter(wait) failed: {e}");
                     }
                 }
             }
         }
-        cq.sync();
-        let more_ready = !cq.is_empty();
-        if exiting && !more_ready && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
+    }
+
+    fn hand_back(&mut self, hand: Hand) -> usize {
+        let leftover = std::mem::take(&mut self.leftover);
+        hand_back(&self.ctx, &self.inner, &mut self.freed, &self.free_sender, hand, leftover)
+    }
+
+    /// Applies one completion to its slot.
+    fn complete_one(&mut self, data: u64, result: i32) {
+        if data == SENTINEL_DATA {
+            self.exiting = true;
             return;
         }
-        // Give the freed slots back and submit what the batch queued
-        // (follow-ups, retries) before reaping more, so the device never waits
-        // for this loop.
-        let to_submit = hand_back(&ctx, &inner, &mut freed, &free_sender, false);
-        if more_ready && to_submit == 0 {
-            continue;
-        }
-        // Submit (if anything) and, unless completions are already waiting,
-        // wait for at least one, in one call.
-        let (min_complete, flags) = if more_ready { (0, 0) } else { (1, ENTER_GETEVENTS) };
-        // SAFETY: plain io_uring_enter with no argument pointer.
-        match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, min_complete, flags, None) } {
-            Ok(_) => {}
-            Err(e) => {
-                // Entries this call did not take stay in the ring: the
-                // submitter's submit loop retries them.
-                if to_submit > 0 {
-                    let _ = ctx.noti_sender.try_send(());
-                }
-                if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) {
-                    eprintln!("ioengine: io_uring_enter(wait) failed: {e}; retrying");
-                    thread::yield_now();
+        let id = data as u32;
+        // SAFETY: the kernel returned this slot's request, so its submitter
+        // has handed the slot over and does not touch it now.
+        let slot = unsafe { self.inner.slot(id) };
+        let Some(event) = slot.event.as_mut() else { return };
+        match event.apply_result(result as i64) {
+            Progress::Resubmit => {
+                let _ = self.retry_sender.send(id);
+            }
+            Progress::Complete => {
+                let event = slot.event.take();
+                self.ctx.free_slots_count.fetch_add(1, Ordering::SeqCst);
+                self.freed.push(id);
+                if let Some(event) = event {
+                    self.ctx.complete(event);
                 }
             }
         }
+    }
+
+    /// An IOPOLL ring returns from `io_uring_enter` at once when nothing is
+    /// in flight, so with nothing in flight the poller sleeps on its wake
+    /// channel instead. Returns true if it slept (or found completions).
+    fn idle_on_iopoll(&self, cq: &mut io_uring::CompletionQueue<'_>) -> bool {
+        let Some((_, wake)) = &self.inner.idle_wake else { return false };
+        // Clear an old wake-up, then look: a submission after this point
+        // rings again, one before it shows in the counts or the CQ.
+        let _ = wake.try_recv();
+        cq.sync();
+        let idle = io_uring::CompletionQueue::is_empty(cq)
+            && self.ctx.free_slots_count.load(Ordering::SeqCst) == self.ctx.depth;
+        if !idle {
+            return !io_uring::CompletionQueue::is_empty(cq);
+        }
+        let _ = wake.recv();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crossbeam::channel;
+
+    use crate::callback_worker::IOWorkers;
+    use crate::context::{ContextOptions, IOContext};
+    use crate::driver::Backend;
+    use crate::tasks::{Buffer, ClosureCb, IOAction, IOChannel, IOEvent};
+
+    thread_local! {
+        /// Build rings on this thread as a kernel before 5.18 would.
+        pub(super) static WITHOUT_SUBMIT_ALL: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Above the user address space: the kernel refuses it (EFAULT).
+    const KERNEL_ADDRESS: usize = 0xffff_8000_0000_0000;
+
+    /// As a kernel without IORING_SETUP_SUBMIT_ALL would: an entry failing
+    /// at preparation ends the kernel's pass, and the poller must submit the
+    /// entries after it at once, not when some later submission comes.
+    #[test]
+    fn entries_after_a_preparation_failure_are_submitted_without_submit_all() {
+        WITHOUT_SUBMIT_ALL.with(|w| w.set(true));
+        let opts = ContextOptions { backend: Backend::Uring, ..ContextOptions::with_depth(8) };
+        let ctx = match IOContext::<ClosureCb>::with_options(&opts, &IOWorkers::new(0).unwrap()) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                eprintln!("skipped: io_uring unavailable here ({e})");
+                return;
+            }
+        };
+        WITHOUT_SUBMIT_ALL.with(|w| w.set(false));
+        assert_eq!(ctx.inner.setup_flags.load(std::sync::atomic::Ordering::Relaxed) & super::setup::SUBMIT_ALL, 0);
+        let path = std::env::temp_dir().join(format!("ioengine-unit-submit-all-{}", std::process::id()));
+        let file = std::fs::File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(format!("/proc/self/fd/{}", file.as_raw_fd()), vec![7u8; 8192]).unwrap();
+        let fd = file.as_raw_fd();
+        let (tx, rx) = channel::unbounded::<(u64, i64)>();
+        for round in 0..20u64 {
+            // The first read's callback (on the poller) queues a read the kernel
+            // refuses and a valid one: both go into one io_uring_enter.
+            let mut first = IOEvent::new(fd, Buffer::aligned(4096).unwrap(), IOAction::Read, 0);
+            let (ctx_cb, tx_cb) = (Arc::clone(&ctx), tx.clone());
+            first.set_callback(ClosureCb::new(move |ev| {
+                assert_eq!(ev.result(), Some(4096));
+                // SAFETY: the engine only hands this address to the kernel,
+                // which refuses it; nothing dereferences it.
+                let bad = unsafe { Buffer::from_raw_parts(KERNEL_ADDRESS as *mut u8, 4096) }.unwrap();
+                for (tag, buf) in [(0u64, bad), (1, Buffer::aligned(4096).unwrap())] {
+                    let mut ev = IOEvent::new(fd, buf, IOAction::Read, 4096);
+                    let tx = tx_cb.clone();
+                    ev.set_callback(ClosureCb::new(move |ev| {
+                        let _ = tx.send((tag, ev.result().unwrap()));
+                    }));
+                    ctx_cb.submit(ev, IOChannel::Read).unwrap();
+                }
+            }));
+            ctx.submit(first, IOChannel::Read).unwrap();
+            let mut got: Vec<(u64, i64)> = (0..2)
+                .map(|_| rx.recv_timeout(Duration::from_secs(60)).expect("a request stranded in the SQ"))
+                .collect();
+            got.sort();
+            assert_eq!(got, vec![(0, -(libc::EFAULT as i64)), (1, 4096)], "round {round}");
+        }
+        assert_eq!(ctx.stats().cq_overflows, 0);
     }
 }

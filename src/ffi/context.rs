@@ -83,6 +83,12 @@ pub struct ioe_stats {
     /// Engine memory per in-flight I/O: its share of memory_bytes plus the
     /// request record that travels with it.
     pub memory_per_slot: u64,
+    /// io_uring: times the engine found its completion queue overflowed,
+    /// plus completions the kernel dropped. Zero by design: the queues are
+    /// sized so that they cannot overflow; anything else is a bug.
+    pub cq_overflows: u64,
+    /// Zero; room for counters added later without changing the size.
+    pub reserved: [u64; 7],
 }
 
 /// Fills `*opts` with defaults: depth IOE_DEFAULT_DEPTH, IOE_BACKEND_AUTO,
@@ -291,6 +297,8 @@ pub extern "C" fn ioe_context_stats(ctx: *const ioe_context, out: *mut ioe_stats
             pending: s.pending,
             memory_bytes: s.memory_bytes,
             memory_per_slot: s.memory_per_slot,
+            cq_overflows: s.cq_overflows,
+            reserved: [0; 7],
         };
         // SAFETY: non-null; the caller promises it is writable.
         unsafe { out.write(stats) };

@@ -58,8 +58,9 @@ impl IOCallbackCustom for FfiCallback {
     }
 }
 
-/// Error returned when a panic was caught at the boundary (an engine bug).
-pub(crate) const PANIC_ERRNO: i32 = libc::EIO;
+/// Error returned when a panic was caught at the boundary (a bug in the
+/// engine): ENOTRECOVERABLE, so that callers can tell it from an I/O error.
+pub(crate) const PANIC_ERRNO: i32 = libc::ENOTRECOVERABLE;
 
 /// Runs `f`; a panic returns `fallback` instead of unwinding into C.
 pub(crate) fn guard_or<T, F: FnOnce() -> T>(fallback: T, f: F) -> T {

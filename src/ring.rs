@@ -1,0 +1,184 @@
+//! io_uring plumbing shared by every ring the library sets up: building a
+//! ring whose optional set-up flags fall back on older kernels, probing
+//! opcodes, and writing and submitting SQEs.
+
+use std::io;
+
+use io_uring::squeue::Entry;
+use io_uring::{IoUring, Probe, SubmissionQueue, Submitter};
+
+/// `IORING_SETUP_*` bits, as the kernel defines them (used to report the
+/// flags a ring runs with; the builder sets them through the crate).
+pub(crate) mod setup {
+    pub const IOPOLL: u32 = 1 << 0;
+    pub const SQPOLL: u32 = 1 << 1;
+    pub const CQSIZE: u32 = 1 << 3;
+    pub const SUBMIT_ALL: u32 = 1 << 7;
+    pub const COOP_TASKRUN: u32 = 1 << 8;
+    pub const SINGLE_ISSUER: u32 = 1 << 12;
+    pub const DEFER_TASKRUN: u32 = 1 << 13;
+}
+
+/// Largest completion queue the kernel accepts without clamping
+/// (`IORING_MAX_CQ_ENTRIES`).
+pub(crate) const MAX_CQ_ENTRIES: u32 = 2 * 32768;
+
+/// How to build a ring.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RingConfig {
+    /// Submission queue entries.
+    pub entries: u32,
+    /// Completion queue entries (IORING_SETUP_CQSIZE), if not the kernel's
+    /// default of twice `entries`.
+    pub cq_entries: Option<u32>,
+    /// IORING_SETUP_SQPOLL with this idle time in milliseconds.
+    pub sqpoll_idle_ms: Option<u32>,
+    /// IORING_SETUP_IOPOLL.
+    pub iopoll: bool,
+    /// Flags the ring should have where the kernel knows them, as groups in
+    /// the order kernels gained them. When the kernel refuses the set
+    /// (EINVAL), the newest group is dropped and the build retried.
+    pub optional: Vec<u32>,
+}
+
+/// A ring and the set-up flags in force on it.
+pub(crate) struct BuiltRing {
+    pub ring: IoUring,
+    pub flags: u32,
+}
+
+impl RingConfig {
+    /// Builds the ring with as many optional flag groups as the kernel
+    /// takes. An error is the kernel's answer for the required settings.
+    pub(crate) fn build(&self) -> io::Result<BuiltRing> {
+        let mut optional = self.optional.clone();
+        loop {
+            let wanted = optional.iter().fold(0, |all, group| all | group);
+            match self.build_with(wanted) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !optional.is_empty() => {
+                    optional.pop();
+                }
+                built => return built,
+            }
+        }
+    }
+
+    fn build_with(&self, optional: u32) -> io::Result<BuiltRing> {
+        let mut builder = IoUring::builder();
+        let mut flags = optional;
+        if optional & setup::SUBMIT_ALL != 0 {
+            builder.setup_submit_all();
+        }
+        if optional & setup::COOP_TASKRUN != 0 {
+            builder.setup_coop_taskrun();
+        }
+        if optional & setup::SINGLE_ISSUER != 0 {
+            builder.setup_single_issuer();
+        }
+        if optional & setup::DEFER_TASKRUN != 0 {
+            builder.setup_defer_taskrun();
+        }
+        if let Some(idle) = self.sqpoll_idle_ms {
+            builder.setup_sqpoll(idle);
+            flags |= setup::SQPOLL;
+        }
+        if self.iopoll {
+            builder.setup_iopoll();
+            flags |= setup::IOPOLL;
+        }
+        if let Some(cq) = self.cq_entries {
+            builder.setup_cqsize(cq);
+            flags |= setup::CQSIZE;
+        }
+        let ring = builder.build(self.entries)?;
+        Ok(BuiltRing { ring, flags })
+    }
+}
+
+/// `Err(EOPNOTSUPP)` unless the kernel supports every opcode in `needed`.
+pub(crate) fn probe_opcodes(ring: &IoUring, needed: &[u8]) -> io::Result<()> {
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    if needed.iter().all(|&op| probe.is_supported(op)) {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+}
+
+/// The submission queue, as seen by the one thread allowed to write it.
+pub(crate) struct SqWriter<'a> {
+    sq: SubmissionQueue<'a>,
+    submitter: Submitter<'a>,
+    sqpoll: bool,
+}
+
+impl<'a> SqWriter<'a> {
+    /// # Safety
+    /// No other `SubmissionQueue` of `ring` may exist while this one lives.
+    pub(crate) unsafe fn new(ring: &'a IoUring, sqpoll: bool) -> Self {
+        SqWriter { sq: ring.submission_shared(), submitter: ring.submitter(), sqpoll }
+    }
+
+    /// Queues an entry; `Err(entry)` if the queue is full. Callers size the
+    /// queue so that it never is (see the drivers), and submit on `Err`.
+    ///
+    /// # Safety
+    /// Whatever the entry points to must stay valid until its completion.
+    pub(crate) unsafe fn push(&mut self, entry: &Entry) -> Result<(), ()> {
+        self.sq.push(entry).map_err(|_| ())
+    }
+
+    /// Publishes the queued entries and returns how many the kernel has not
+    /// consumed yet.
+    pub(crate) fn publish(&mut self) -> usize {
+        self.sq.sync();
+        self.sq.len()
+    }
+
+    /// Hands every queued entry to the kernel. The kernel may stop early (a
+    /// request that fails at preparation ends its pass on kernels without
+    /// IORING_SETUP_SUBMIT_ALL), so this repeats until none is left. An
+    /// error other than EINTR leaves the rest queued and is returned; the
+    /// caller decides when to try again.
+    pub(crate) fn submit(&mut self) -> io::Result<()> {
+        while self.publish() > 0 {
+            match self.submitter.submit() {
+                Ok(_) if self.sqpoll => return Ok(()), // the kernel thread consumes them
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel has flagged a completion queue overflow.
+    pub(crate) fn cq_overflowed(&self) -> bool {
+        self.sq.cq_overflow()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_flag_group_is_dropped_and_the_older_ones_kept() {
+        // DEFER_TASKRUN without SINGLE_ISSUER is refused by every kernel
+        // (EINVAL), like a flag an older kernel does not know.
+        let config =
+            RingConfig { entries: 4, optional: vec![setup::SUBMIT_ALL, setup::DEFER_TASKRUN], ..Default::default() };
+        let built = match config.build() {
+            Ok(built) => built,
+            Err(e) => {
+                eprintln!("skipped: io_uring unavailable here ({e})");
+                return;
+            }
+        };
+        assert_eq!(built.flags & setup::DEFER_TASKRUN, 0);
+        // Kernels before 5.18 drop SUBMIT_ALL as well; later ones keep it.
+        let again = RingConfig { entries: 4, optional: vec![setup::SUBMIT_ALL], ..Default::default() }.build().unwrap();
+        assert_eq!(built.flags, again.flags);
+    }
+}
