@@ -62,7 +62,10 @@
 
 /**
  * io_uring: busy-poll for completions (IORING_SETUP_IOPOLL). Needs O_DIRECT
- * files on a device with poll queues; fsync is not supported there.
+ * files on a device with poll queues (other reads and writes complete with
+ * an error). The poller spins only while I/O is in flight; an idle context
+ * sleeps. IOE_OP_FSYNC, IOE_OP_FDATASYNC and IOE_OP_FALLOCATE cannot run
+ * on such a ring and are refused by the submission functions (-EINVAL).
  */
 #define IOE_SETUP_IOPOLL (1 << 1)
 
@@ -182,7 +185,7 @@ typedef struct ioe_context_options {
      */
     uint32_t sqpoll_idle_ms;
     /**
-     * With IOE_SETUP_CQSIZE: completion-queue entries, at least `depth`
+     * With IOE_SETUP_CQSIZE: completion-queue entries, `depth` to 65536
      * (without the flag: `depth` rounded up to a power of two).
      */
     uint32_t cq_size;
@@ -326,11 +329,16 @@ int ioe_context_options_init(struct ioe_context_options *opts);
  * Creates a context and stores its handle in `*out` (NULL on failure).
  * `opts` may be NULL for defaults.
  *
+ * IOE_BACKEND_AUTO uses AIO only when io_uring is unavailable here (see
+ * ioe_context_fallback_reason); options are checked the same way whatever
+ * the backend, so an option io_uring would refuse is -EINVAL on AIO too.
+ *
  * Returns 0; -EINVAL for NULL `out`, an unknown backend or flag, a depth
- * outside 1 to IOE_MAX_DEPTH, a cq_size below depth, non-zero reserved
- * fields or a malformed IOENGINE_BACKEND; -ENOSYS, -EPERM or -EOPNOTSUPP
- * when an explicitly requested io_uring cannot run; -EAGAIN when the
- * kernel's AIO limit (fs.aio-max-nr) is exhausted; -ENOMEM.
+ * outside 1 to IOE_MAX_DEPTH, a cq_size below depth or above 65536,
+ * non-zero reserved fields or a malformed IOENGINE_BACKEND; -ENOSYS,
+ * -EPERM, -EACCES or -EOPNOTSUPP when an explicitly requested io_uring
+ * cannot run; -EAGAIN when a thread cannot be created or the kernel's AIO
+ * limit (fs.aio-max-nr) is exhausted; -ENOMEM.
  */
 int ioe_context_create(const struct ioe_context_options *opts, struct ioe_context **out);
 
@@ -355,6 +363,17 @@ int ioe_context_destroy(struct ioe_context *ctx);
  * (never AUTO); -EINVAL for NULL.
  */
 int ioe_context_backend(const struct ioe_context *ctx);
+
+/**
+ * Why an IOE_BACKEND_AUTO context runs on AIO: the negative errno
+ * io_uring failed to start with. -ENOSYS: the kernel has no io_uring;
+ * -EPERM or -EACCES: forbidden (sysctl kernel.io_uring_disabled, a seccomp
+ * profile such as Docker's default); -EOPNOTSUPP: an opcode the engine
+ * needs is missing; -ENOMEM: the kernel refused the ring's memory.
+ * Returns 0 when the context runs the backend asked for (or auto found
+ * io_uring), and -EINVAL for NULL (never a fallback reason).
+ */
+int ioe_context_fallback_reason(const struct ioe_context *ctx);
 
 /**
  * The name of a backend constant ("auto", "io_uring", "aio"), or

@@ -20,7 +20,10 @@ pub const IOE_BACKEND_AIO: u32 = 2;
 /// (IORING_SETUP_SQPOLL); it sleeps after `sqpoll_idle_ms` idle.
 pub const IOE_SETUP_SQPOLL: u32 = 1 << 0;
 /// io_uring: busy-poll for completions (IORING_SETUP_IOPOLL). Needs O_DIRECT
-/// files on a device with poll queues; fsync is not supported there.
+/// files on a device with poll queues (other reads and writes complete with
+/// an error). The poller spins only while I/O is in flight; an idle context
+/// sleeps. IOE_OP_FSYNC, IOE_OP_FDATASYNC and IOE_OP_FALLOCATE cannot run
+/// on such a ring and are refused by the submission functions (-EINVAL).
 pub const IOE_SETUP_IOPOLL: u32 = 1 << 1;
 /// io_uring: use `cq_size` completion-queue entries (IORING_SETUP_CQSIZE).
 pub const IOE_SETUP_CQSIZE: u32 = 1 << 2;
@@ -46,7 +49,7 @@ pub struct ioe_context_options {
     pub flags: u32,
     /// With IOE_SETUP_SQPOLL: idle milliseconds before the kernel thread sleeps.
     pub sqpoll_idle_ms: u32,
-    /// With IOE_SETUP_CQSIZE: completion-queue entries, at least `depth`
+    /// With IOE_SETUP_CQSIZE: completion-queue entries, `depth` to 65536
     /// (without the flag: `depth` rounded up to a power of two).
     pub cq_size: u32,
     /// Callback pool, or NULL to run callbacks directly on the context's
@@ -153,11 +156,16 @@ fn options_from_c(opts: &ioe_context_options) -> Result<ContextOptions, c_int> {
 /// Creates a context and stores its handle in `*out` (NULL on failure).
 /// `opts` may be NULL for defaults.
 ///
+/// IOE_BACKEND_AUTO uses AIO only when io_uring is unavailable here (see
+/// ioe_context_fallback_reason); options are checked the same way whatever
+/// the backend, so an option io_uring would refuse is -EINVAL on AIO too.
+///
 /// Returns 0; -EINVAL for NULL `out`, an unknown backend or flag, a depth
-/// outside 1 to IOE_MAX_DEPTH, a cq_size below depth, non-zero reserved
-/// fields or a malformed IOENGINE_BACKEND; -ENOSYS, -EPERM or -EOPNOTSUPP
-/// when an explicitly requested io_uring cannot run; -EAGAIN when the
-/// kernel's AIO limit (fs.aio-max-nr) is exhausted; -ENOMEM.
+/// outside 1 to IOE_MAX_DEPTH, a cq_size below depth or above 65536,
+/// non-zero reserved fields or a malformed IOENGINE_BACKEND; -ENOSYS,
+/// -EPERM, -EACCES or -EOPNOTSUPP when an explicitly requested io_uring
+/// cannot run; -EAGAIN when a thread cannot be created or the kernel's AIO
+/// limit (fs.aio-max-nr) is exhausted; -ENOMEM.
 #[no_mangle]
 pub extern "C" fn ioe_context_create(opts: *const ioe_context_options, out: *mut *mut ioe_context) -> c_int {
     guard(|| {
@@ -246,6 +254,18 @@ pub extern "C" fn ioe_context_destroy(ctx: *mut ioe_context) -> c_int {
 #[no_mangle]
 pub extern "C" fn ioe_context_backend(ctx: *const ioe_context) -> c_int {
     guard(|| context_ref(ctx).map_or(-libc::EINVAL, |c| backend_to_c(c.ctx.backend()) as c_int))
+}
+
+/// Why an IOE_BACKEND_AUTO context runs on AIO: the negative errno
+/// io_uring failed to start with. -ENOSYS: the kernel has no io_uring;
+/// -EPERM or -EACCES: forbidden (sysctl kernel.io_uring_disabled, a seccomp
+/// profile such as Docker's default); -EOPNOTSUPP: an opcode the engine
+/// needs is missing; -ENOMEM: the kernel refused the ring's memory.
+/// Returns 0 when the context runs the backend asked for (or auto found
+/// io_uring), and -EINVAL for NULL (never a fallback reason).
+#[no_mangle]
+pub extern "C" fn ioe_context_fallback_reason(ctx: *const ioe_context) -> c_int {
+    guard(|| context_ref(ctx).map_or(-libc::EINVAL, |c| c.ctx.fallback_reason().map_or(0, |e| neg(&e))))
 }
 
 /// The name of a backend constant ("auto", "io_uring", "aio"), or
