@@ -176,6 +176,8 @@ static void queries(uint32_t backend, struct ioe_workers *workers) {
 int main(void) {
     bad_options();
     null_handles();
+    /* Forks: before any pool exists, so the child owns all it allocates. */
+    auto_under_seccomp();
 
     int fds_before = count_open_fds();
     struct ioe_workers *workers = NULL;
@@ -186,7 +188,6 @@ int main(void) {
         queries(BACKENDS[b], workers);
     }
     auto_choice();
-    auto_under_seccomp();
 
     /* io_uring setup flags. */
     struct ioe_context *ctx = NULL;

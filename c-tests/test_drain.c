@@ -1,6 +1,8 @@
 /* Destroy drains: with hundreds of requests queued and in flight, every
  * callback runs exactly once before ioe_context_destroy returns. From a
- * callback, destroy refuses with -EDEADLK and submitting still works. */
+ * callback of the context, destroy refuses with -EDEADLK and submitting
+ * still works; a callback of another context may destroy it, unless it
+ * runs on the pool the context's own callbacks need. */
 #include "test_util.h"
 
 #define BLOCK 4096
@@ -68,8 +70,50 @@ static void run(uint32_t backend, struct ioe_workers *workers) {
     close(fd);
 }
 
+struct destroy_other {
+    struct ioe_context *victim;
+    atomic_int rc;
+    struct waiter *w;
+};
+
+static void destroy_other_cb(void *user_data, int64_t result) {
+    struct destroy_other *d = user_data;
+    CHECK(result >= 0);
+    atomic_store(&d->rc, ioe_context_destroy(d->victim));
+    waiter_signal(d->w);
+}
+
+/* A callback of `caller` destroys `victim`; returns what destroy said. */
+static int destroy_from_callback_of(struct ioe_context *caller, struct ioe_context *victim, int fd) {
+    struct waiter w;
+    waiter_init(&w);
+    struct destroy_other d = {.victim = victim, .w = &w};
+    atomic_init(&d.rc, 1);
+    static uint8_t buf[512];
+    CHECK_EQ(ioe_read(caller, fd, buf, sizeof buf, 0, IOE_CHANNEL_READ, destroy_other_cb, &d), 0);
+    waiter_wait(&w, 1);
+    return atomic_load(&d.rc);
+}
+
+static void destroy_another_context(uint32_t backend, struct ioe_workers *workers) {
+    int fd = temp_file(BLOCK, 0);
+    /* Different threads: allowed, and the victim is gone afterwards. */
+    struct ioe_context *caller = open_context(backend, 4, workers);
+    struct ioe_context *victim = open_context(backend, 4, NULL);
+    CHECK_EQ(destroy_from_callback_of(caller, victim, fd), 0);
+    /* Sharing a pool: the victim's callbacks could need the calling thread. */
+    if (workers != NULL) {
+        victim = open_context(backend, 4, workers);
+        CHECK_EQ(destroy_from_callback_of(caller, victim, fd), -EDEADLK);
+        CHECK_EQ(ioe_context_destroy(victim), 0);
+    }
+    CHECK_EQ(ioe_context_destroy(caller), 0);
+    close(fd);
+}
+
 int main(void) {
     run_matrix(run, 3);
+    run_matrix(destroy_another_context, 1);
     printf("drain: ok\n");
     return 0;
 }

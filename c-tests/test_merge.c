@@ -93,8 +93,60 @@ static void run(uint32_t backend, struct ioe_workers *workers) {
     close(fd);
 }
 
+/* "Issue the next one": a callback that adds its successor to the merger
+ * its request came from. */
+struct next_one {
+    struct ioe_merger **m;
+    uint8_t *buf;
+    struct waiter *w;
+    atomic_int calls;
+    int64_t result;
+    int add_rc;
+};
+
+static void add_next(void *arg, int64_t result) {
+    struct next_one *n = arg;
+    n->result = result;
+    n->add_rc = ioe_merger_add(*n->m, n->buf, 512, 4096, on_complete, NULL);
+    atomic_fetch_add(&n->calls, 1);
+    waiter_signal(n->w);
+}
+
+/* Held requests of a merger whose context shut down fail with -ESHUTDOWN,
+ * and their callbacks may use the merger again: no deadlock on its lock. */
+static void refused_callbacks_may_use_the_merger(uint32_t backend, struct ioe_workers *workers) {
+    alarm(60); /* a deadlock ends the test */
+    int fd = temp_file(8192, 0);
+    struct ioe_context *ctx = open_context(backend, 4, workers);
+    struct waiter w;
+    waiter_init(&w);
+    static uint8_t buf[1024];
+    struct ioe_merger *m = NULL;
+    CHECK_EQ(ioe_merger_create(ctx, fd, IOE_OP_READ, IOE_CHANNEL_READ, 1 << 20, &m), 0);
+    struct next_one n[2];
+    for (int i = 0; i < 2; i++) {
+        n[i] = (struct next_one){.m = &m, .buf = buf + 512 * i, .w = &w, .result = 1, .add_rc = 1};
+        atomic_init(&n[i].calls, 0);
+        CHECK_EQ(ioe_merger_add(m, buf + 512 * i, 512, 512 * (uint64_t)i, add_next, &n[i]), 0);
+    }
+    CHECK_EQ(ioe_merger_held(m), 2);
+    CHECK_EQ(ioe_context_destroy(ctx), 0);
+    CHECK_EQ(ioe_merger_flush(m), 0);
+    waiter_wait(&w, 2);
+    for (int i = 0; i < 2; i++) {
+        CHECK_EQ(atomic_load(&n[i].calls), 1);
+        CHECK_EQ(n[i].result, -ESHUTDOWN);
+        CHECK_EQ(n[i].add_rc, -ESHUTDOWN);
+    }
+    CHECK_EQ(ioe_merger_held(m), 0);
+    CHECK_EQ(ioe_merger_destroy(m), 0);
+    close(fd);
+    alarm(0);
+}
+
 int main(void) {
     run_matrix(run, 2);
+    run_matrix(refused_callbacks_may_use_the_merger, 1);
     printf("merge: ok\n");
     return 0;
 }

@@ -349,10 +349,12 @@ int ioe_context_create(const struct ioe_context_options *opts, struct ioe_contex
  * accepted request completes and its callback returns, the threads are
  * joined and the ring / AIO context is closed; then the handle is freed.
  * Mergers still open on the context stay valid, but their requests fail
- * with -ESHUTDOWN.
+ * with -ESHUTDOWN (see ioe_merger_add).
  *
- * Returns 0; -EINVAL (NULL); -EDEADLK when called from a callback (the
- * drain could wait on the calling thread), in which case nothing happens.
+ * Returns 0; -EINVAL (NULL); -EDEADLK, with nothing done, when the drain
+ * could need the calling thread: from a callback of this context, or from
+ * any thread of its ioe_workers pool. Callbacks of other contexts (with
+ * other pools, or inline) may destroy it.
  * No other thread may use the handle once this is called; callbacks of
  * the draining context may, until destroy returns.
  */
@@ -444,6 +446,12 @@ int ioe_merger_create(struct ioe_context *ctx,
  * `max_bytes` is submitted at once. Returns 0 (the callback will run
  * exactly once, with -ESHUTDOWN if the context is destroyed before the run
  * is submitted) or -EINVAL / -ESHUTDOWN with no callback.
+ *
+ * Requests of a run refused that way are counted by the context
+ * (submitted, completed, failed) and called back like any request: on the
+ * context's pool, or without a pool on the thread that flushed the run
+ * (this call, ioe_merger_flush or ioe_merger_destroy), after the merger is
+ * unlocked, so such a callback may call ioe_merger_add on it again.
  */
 int ioe_merger_add(struct ioe_merger *merger,
                    void *buf,
@@ -464,7 +472,8 @@ int ioe_merger_held(struct ioe_merger *merger);
 
 /**
  * Flushes and frees the merger. Returns 0 or -EINVAL (NULL). The handle
- * must not be used afterwards.
+ * must not be used afterwards, also not by callbacks of its requests
+ * (they may run after this returns).
  */
 int ioe_merger_destroy(struct ioe_merger *merger);
 

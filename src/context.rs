@@ -13,7 +13,7 @@ use crossbeam::channel::{self, Receiver, Sender};
 use crossbeam::queue::SegQueue;
 use parking_lot::Mutex;
 
-use crate::callback_worker::{in_callback, in_callback_of, CompletionTracker, IOWorkers};
+use crate::callback_worker::{in_callback_of, run_detached, CompletionTracker, IOWorkers};
 use crate::driver::{self, ActionSet, Backend};
 use crate::tasks::{IOCallbackCustom, IOChannel, IOEvent};
 
@@ -242,29 +242,49 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
     }
 
     fn finish_one(&self, event: Box<IOEvent<C>>) {
+        self.count_completion(&event);
+        self.cb_workers.dispatch(event, &self.tracker);
+    }
+
+    fn count_completion(&self, event: &IOEvent<C>) {
         self.counters.completed.fetch_add(1, Ordering::Relaxed);
         if event.result().is_some_and(|r| r < 0) {
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
         }
-        self.cb_workers.dispatch(event, &self.tracker);
     }
 
-    /// Whether the submitter may stop: shut down, no submission in progress,
-    /// nothing queued and every callback returned (a running callback may
-    /// still submit follow-up I/O). SeqCst pairs with
+    /// Whether the submitter may stop, and if so ends the drain: shut down,
+    /// no submission in progress, nothing queued and every callback
+    /// returned (a running callback may still submit follow-up I/O). Once
+    /// it returns true no callback of this context can be promised any
+    /// more (see `complete_refused`). SeqCst pairs with
     /// `IOContext::enqueue_gated` and `CompletionTracker::done_one`.
-    pub(crate) fn drained(&self) -> bool {
+    pub(crate) fn finish_drain(&self) -> bool {
         !self.running.load(Ordering::SeqCst)
             && self.active_submits.load(Ordering::SeqCst) == 0
             && self.total_count.load(Ordering::SeqCst) == 0
-            && self.tracker.outstanding() == 0
+            && self.tracker.close_if_idle()
     }
 
-    /// Hands a refused event its error on the calling thread (used for events
-    /// a merge submitter had already accepted when the context shut down).
-    pub(crate) fn fail_unsubmitted(&self, mut event: Box<IOEvent<C>>, errno: i32) {
+    /// Delivers `errno` to an event the context refused after accepting it
+    /// elsewhere (a merger held it when the context shut down). It is
+    /// counted as submitted and failed like any request. While the drain
+    /// is still going its callback takes the usual path (pool thread, or the
+    /// calling thread without a pool) and may submit follow-ups; after the
+    /// drain it runs on the calling thread, and the context refuses them.
+    /// Callers must not hold locks a callback may need.
+    pub(crate) fn complete_refused(&self, mut event: Box<IOEvent<C>>, errno: i32) {
+        let callbacks = event.callback_count();
+        self.counters.submitted.fetch_add(callbacks as u64, Ordering::Relaxed);
         event.fail(errno);
-        event.for_each_user_event(|user_event| user_event.run_callback());
+        if self.tracker.add_unless_closed(callbacks) {
+            self.complete(event);
+            return;
+        }
+        event.for_each_user_event(|user_event| {
+            self.count_completion(&user_event);
+            run_detached(user_event);
+        });
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -398,6 +418,14 @@ impl<C: IOCallbackCustom> IOContext<C> {
         outcome
     }
 
+    /// Whether waiting for this context's drain on the calling thread could
+    /// wait for ever: the thread runs one of its callbacks (the drain waits
+    /// for it to return), or belongs to its callback pool (its queued
+    /// callbacks may need this thread).
+    pub(crate) fn drain_would_deadlock(&self) -> bool {
+        in_callback_of(&self.inner.tracker) || self.inner.cb_workers.owns_current_thread()
+    }
+
     /// Whether shutdown has started.
     pub fn is_shut_down(&self) -> bool {
         !self.inner.running.load(Ordering::SeqCst)
@@ -415,13 +443,14 @@ impl<C: IOCallbackCustom> IOContext<C> {
     /// closed. Idempotent; concurrent callers all wait. A chain of callbacks
     /// that never stops submitting keeps the drain going.
     ///
-    /// Inside a completion callback it cannot wait (the drain may need the
-    /// calling thread): there it starts the drain and returns `EDEADLK`.
+    /// On a thread the drain may need (a callback of this context, or any
+    /// thread of its callback pool) it cannot wait: there it starts the
+    /// drain and returns `EDEADLK`. Callbacks of other contexts may wait.
     pub fn shutdown(&self) -> io::Result<()> {
         self.inner.tracker.begin_drain();
         self.inner.running.store(false, Ordering::SeqCst);
         let _ = self.noti_sender.try_send(());
-        if in_callback() {
+        if self.drain_would_deadlock() {
             return Err(io::Error::from_raw_os_error(libc::EDEADLK));
         }
         let mut threads = self.threads.lock();

@@ -27,6 +27,28 @@ pub struct MergeSubmitter<C: IOCallbackCustom> {
     held: EmbeddedList<C>,
     start: u64,
     end: u64,
+    /// Runs the context refused (it shut down) whose callbacks have not
+    /// been delivered yet: they run once the caller's locks are released.
+    refused: Vec<Box<IOEvent<C>>>,
+}
+
+/// Runs a merger held when its context refused them, to be failed with
+/// `ESHUTDOWN` through the context's callback path by `deliver`, once the
+/// caller holds nothing their callbacks may need (a callback may well add
+/// the next request to the same merger).
+#[must_use = "refused requests get their callbacks only when delivered"]
+pub(crate) struct Refused<C: IOCallbackCustom> {
+    ctx: Option<Arc<IOContext<C>>>,
+    events: Vec<Box<IOEvent<C>>>,
+}
+
+impl<C: IOCallbackCustom> Refused<C> {
+    pub(crate) fn deliver(self) {
+        let Some(ctx) = self.ctx else { return };
+        for event in self.events {
+            ctx.shared().complete_refused(event, libc::ESHUTDOWN);
+        }
+    }
 }
 
 impl<C: IOCallbackCustom> MergeSubmitter<C> {
@@ -51,6 +73,7 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
             held: EmbeddedList::new(),
             start: 0,
             end: 0,
+            refused: Vec::new(),
         })
     }
 
@@ -58,8 +81,17 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
     /// offset, same fd and action, within the size limit); otherwise the run
     /// is submitted first. A run that reaches the limit is submitted at once.
     /// An event for another fd or action, or an invalid one, is handed back
-    /// with `EINVAL`.
+    /// with `EINVAL`; after the context shut down, with `ESHUTDOWN`. If the
+    /// context shut down while a run was held, its events complete with
+    /// `ESHUTDOWN` (see [`flush`](Self::flush)).
     pub fn add_event(&mut self, event: Box<IOEvent<C>>) -> Result<(), SubmitError<C>> {
+        let added = self.add_event_deferred(event);
+        self.take_refused().deliver();
+        added
+    }
+
+    /// `add_event` leaving refused runs for `take_refused`.
+    pub(crate) fn add_event_deferred(&mut self, event: Box<IOEvent<C>>) -> Result<(), SubmitError<C>> {
         let wrong_target = event.fd() != self.fd || event.action() != self.action;
         if let Err(errno) = self.ctx.check(&event).and(if wrong_target { Err(libc::EINVAL) } else { Ok(()) }) {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
@@ -73,22 +105,36 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
             && (self.end - self.start) + len <= self.merge_size_limit
             && self.held.len() < MAX_MERGE_EVENTS;
         if !continues {
-            self.flush();
+            self.flush_deferred();
             self.start = event.offset();
             self.end = event.offset();
         }
         self.held.push_back(event);
         self.end += len;
         if self.end - self.start >= self.merge_size_limit {
-            self.flush();
+            self.flush_deferred();
         }
         Ok(())
     }
 
     /// Submits what is held (as one I/O, or as the single event it is). If
-    /// the context has shut down meanwhile, the held events' callbacks run
-    /// right here with `-ESHUTDOWN`: an accepted event always gets one.
+    /// the context has shut down meanwhile, the held events complete with
+    /// `ESHUTDOWN` instead, counted by the context and called back through
+    /// its usual path (pool thread, or this thread without a pool): an
+    /// accepted event always gets one callback.
     pub fn flush(&mut self) {
+        self.flush_deferred();
+        self.take_refused().deliver();
+    }
+
+    /// The refused runs not yet delivered.
+    pub(crate) fn take_refused(&mut self) -> Refused<C> {
+        let events = std::mem::take(&mut self.refused);
+        Refused { ctx: (!events.is_empty()).then(|| self.ctx.clone()), events }
+    }
+
+    /// `flush` leaving a refused run for `take_refused`.
+    pub(crate) fn flush_deferred(&mut self) {
         let mut held = std::mem::take(&mut self.held);
         let event = match held.len() {
             0 => return,
@@ -102,7 +148,7 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
             }
         };
         if let Err(event) = self.ctx.enqueue_gated(event, self.channel) {
-            self.ctx.shared().fail_unsubmitted(event, libc::ESHUTDOWN);
+            self.refused.push(event);
         }
     }
 

@@ -477,6 +477,15 @@ impl<C: IOCallbackCustom> IOEvent<C> {
         }
     }
 
+    /// Applies a result that must not be retried: it comes from a path that
+    /// has done its own retrying (AIO's helper thread) or from a refusal.
+    /// Retrying a helper's result natively would run another operation
+    /// (AIO refuses the fsync the helper ran instead).
+    pub(crate) fn apply_final_result(&mut self, res: i64) -> Progress {
+        self.transient_retries = MAX_TRANSIENT_RETRIES;
+        self.apply_result(res)
+    }
+
     /// Records `n` more bytes transferred and trims the iovec list of a
     /// merged event so the next request starts after them.
     fn advance(&mut self, n: u64) {
@@ -607,6 +616,13 @@ mod tests {
         }
         assert_eq!(ev.apply_result(-(libc::EAGAIN as i64)), Progress::Complete);
         assert_eq!(ev.result(), Some(-(libc::EAGAIN as i64)));
+    }
+
+    #[test]
+    fn a_final_result_is_never_retried() {
+        let mut ev: Box<IOEvent<ClosureCb>> = IOEvent::fsync(3);
+        assert_eq!(ev.apply_final_result(-(libc::EINTR as i64)), Progress::Complete);
+        assert_eq!(ev.result(), Some(-(libc::EINTR as i64)));
     }
 
     #[test]

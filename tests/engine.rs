@@ -605,6 +605,9 @@ fn merge_submitter_after_shutdown_fails_held_events_with_eshutdown() {
             vec![(0, -(libc::ESHUTDOWN as i64)), (1, -(libc::ESHUTDOWN as i64)), (2, -(libc::ESHUTDOWN as i64))]
         );
         assert!(col.drain_ready().is_empty());
+        // Counted like every request the context answered.
+        let stats = ctx.stats();
+        assert_eq!((stats.submitted, stats.completed, stats.failed, stats.merged), (3, 3, 3, 3), "{backend}");
     }
 }
 

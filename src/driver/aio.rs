@@ -265,25 +265,36 @@ fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32
     true
 }
 
-/// Runs a request synchronously (helper thread): 0 or -errno.
+/// Runs a request synchronously (helper thread): 0 or -errno. A call a
+/// signal interrupts is made again here (a bounded number of times), so
+/// the result is final: the poller never retries it as a native AIO
+/// request, which AIO may not have.
 fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
+    const MAX_EINTR: usize = 16;
     let fd = event.fd();
-    // SAFETY: plain syscalls on a descriptor number; a bad one yields EBADF.
-    let ret = unsafe {
-        match event.next_request() {
-            IoRequest::Fallocate { mode, offset, len } => {
-                libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t)
+    let request = event.next_request();
+    let mut result = 0;
+    for _ in 0..MAX_EINTR {
+        // SAFETY: plain syscalls on a descriptor number; a bad one yields EBADF.
+        let ret = unsafe {
+            match request {
+                IoRequest::Fallocate { mode, offset, len } => {
+                    libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t)
+                }
+                IoRequest::Fsync => libc::fsync(fd),
+                IoRequest::Fdatasync => libc::fdatasync(fd),
+                _ => return -(libc::EINVAL as i64),
             }
-            IoRequest::Fsync => libc::fsync(fd),
-            IoRequest::Fdatasync => libc::fdatasync(fd),
-            _ => return -(libc::EINVAL as i64),
+        };
+        if ret == 0 {
+            return 0;
         }
-    };
-    if ret < 0 {
-        neg_errno(&io::Error::last_os_error())
-    } else {
-        0
+        result = neg_errno(&io::Error::last_os_error());
+        if result != -(libc::EINTR as i64) {
+            break;
+        }
     }
+    result
 }
 
 /// What the driver keeps per context: slots (with their iocbs), the free
@@ -478,7 +489,7 @@ fn worker_submit<C: IOCallbackCustom>(
         if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
-        if ctx.drained() {
+        if ctx.finish_drain() {
             break;
         }
         // Sleep until new work or (when work waits for one) a freed slot.
@@ -545,12 +556,14 @@ fn handle_result<C: IOCallbackCustom>(
     helper: &Sender<u32>,
     id: u32,
     mut result: i64,
+    mut final_result: bool,
 ) {
     // SAFETY: the kernel returned this slot's request; nobody else holds it.
     let slot = unsafe { inner.slot(id) };
     loop {
         let Some(event) = slot.event.as_mut() else { return };
-        match event.apply_result(result) {
+        let progress = if final_result { event.apply_final_result(result) } else { event.apply_result(result) };
+        match progress {
             Progress::Complete => {
                 let event = slot.event.take();
                 ctx.free_slots_count.fetch_add(1, Ordering::SeqCst);
@@ -567,7 +580,10 @@ fn handle_result<C: IOCallbackCustom>(
                 }
                 match inner.submit_one(&mut slot.iocb) {
                     Ok(()) => return,
-                    Err(e) => result = neg_errno(&e),
+                    Err(e) => {
+                        result = neg_errno(&e);
+                        final_result = true;
+                    }
                 }
             }
         }
@@ -611,8 +627,10 @@ fn worker_poll<C: IOCallbackCustom>(
             }
             let id = info.data as u32;
             // SAFETY: this completion hands slot `id` to this thread.
+            // A parked result was produced outside AIO (the helper, or a
+            // refusal by io_submit) and is final.
             let parked = unsafe { inner.slot(id) }.parked_result.take();
-            handle_result(&ctx, &inner, &mut freed, &helper, id, parked.unwrap_or(info.res));
+            handle_result(&ctx, &inner, &mut freed, &helper, id, parked.unwrap_or(info.res), parked.is_some());
         }
         if exiting && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
             inner.destroy();

@@ -388,7 +388,7 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
         if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
-        if ctx.drained() {
+        if ctx.finish_drain() {
             break;
         }
         // Sleep until new work, a freed slot (only useful when work waits for

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::workers::ioe_workers;
 use super::{guard, guard64, guard_or, neg, FfiCallback};
-use crate::callback_worker::{in_callback, IOWorkers};
+use crate::callback_worker::IOWorkers;
 use crate::context::{ContextOptions, IOContext};
 use crate::driver::Backend;
 
@@ -221,10 +221,12 @@ pub(crate) fn context_ref<'a>(ctx: *const ioe_context) -> Option<&'a ioe_context
 /// accepted request completes and its callback returns, the threads are
 /// joined and the ring / AIO context is closed; then the handle is freed.
 /// Mergers still open on the context stay valid, but their requests fail
-/// with -ESHUTDOWN.
+/// with -ESHUTDOWN (see ioe_merger_add).
 ///
-/// Returns 0; -EINVAL (NULL); -EDEADLK when called from a callback (the
-/// drain could wait on the calling thread), in which case nothing happens.
+/// Returns 0; -EINVAL (NULL); -EDEADLK, with nothing done, when the drain
+/// could need the calling thread: from a callback of this context, or from
+/// any thread of its ioe_workers pool. Callbacks of other contexts (with
+/// other pools, or inline) may destroy it.
 /// No other thread may use the handle once this is called; callbacks of
 /// the draining context may, until destroy returns.
 #[no_mangle]
@@ -233,11 +235,11 @@ pub extern "C" fn ioe_context_destroy(ctx: *mut ioe_context) -> c_int {
         if ctx.is_null() {
             return -libc::EINVAL;
         }
-        if in_callback() {
-            return -libc::EDEADLK;
-        }
         {
             let Some(handle) = context_ref(ctx) else { return -libc::EINVAL };
+            if handle.ctx.drain_would_deadlock() {
+                return -libc::EDEADLK;
+            }
             if let Err(e) = handle.ctx.shutdown() {
                 return neg(&e);
             }

@@ -22,6 +22,21 @@ fn merger_ref<'a>(merger: *mut ioe_merger) -> Option<&'a ioe_merger> {
     unsafe { merger.as_ref() }
 }
 
+impl ioe_merger {
+    /// Runs `f` on the merger under its lock, then delivers the callbacks of
+    /// runs the context refused, after unlocking: such a callback may call
+    /// this merger again.
+    fn with<R>(&self, f: impl FnOnce(&mut MergeSubmitter<FfiCallback>) -> R) -> R {
+        let (result, refused) = {
+            let mut merger = self.merger.lock();
+            let result = f(&mut merger);
+            (result, merger.take_refused())
+        };
+        refused.deliver();
+        result
+    }
+}
+
 /// Creates a merger that joins contiguous IOE_OP_READ (or IOE_OP_WRITE)
 /// requests on `fd` into one vectored I/O of at most `max_bytes` bytes
 /// (and at most 1024 requests), submitted on `channel`. Each request still
@@ -73,6 +88,12 @@ pub extern "C" fn ioe_merger_create(
 /// `max_bytes` is submitted at once. Returns 0 (the callback will run
 /// exactly once, with -ESHUTDOWN if the context is destroyed before the run
 /// is submitted) or -EINVAL / -ESHUTDOWN with no callback.
+///
+/// Requests of a run refused that way are counted by the context
+/// (submitted, completed, failed) and called back like any request: on the
+/// context's pool, or without a pool on the thread that flushed the run
+/// (this call, ioe_merger_flush or ioe_merger_destroy), after the merger is
+/// unlocked, so such a callback may call ioe_merger_add on it again.
 #[no_mangle]
 pub extern "C" fn ioe_merger_add(
     merger: *mut ioe_merger,
@@ -88,15 +109,13 @@ pub extern "C" fn ioe_merger_add(
             Ok(cb) => cb,
             Err(e) => return e,
         };
-        let mut merger = merger.merger.lock();
-        let (fd, action) = (merger.fd(), merger.action());
-        match rw_event(fd, action, buf, len, offset, cb) {
-            Ok(event) => match merger.add_event(event) {
+        merger.with(|merger| match rw_event(merger.fd(), merger.action(), buf, len, offset, cb) {
+            Ok(event) => match merger.add_event_deferred(event) {
                 Ok(()) => 0,
                 Err(refused) => neg(&refused.error),
             },
             Err(e) => e,
-        }
+        })
     })
 }
 
@@ -105,7 +124,7 @@ pub extern "C" fn ioe_merger_add(
 pub extern "C" fn ioe_merger_flush(merger: *mut ioe_merger) -> c_int {
     guard(|| {
         let Some(merger) = merger_ref(merger) else { return -libc::EINVAL };
-        merger.merger.lock().flush();
+        merger.with(|merger| merger.flush_deferred());
         0
     })
 }
@@ -117,14 +136,17 @@ pub extern "C" fn ioe_merger_held(merger: *mut ioe_merger) -> c_int {
 }
 
 /// Flushes and frees the merger. Returns 0 or -EINVAL (NULL). The handle
-/// must not be used afterwards.
+/// must not be used afterwards, also not by callbacks of its requests
+/// (they may run after this returns).
 #[no_mangle]
 pub extern "C" fn ioe_merger_destroy(merger: *mut ioe_merger) -> c_int {
     guard(|| {
         if merger.is_null() {
             return -libc::EINVAL;
         }
-        // SAFETY: non-null handle from ioe_merger_create, given up by the caller.
+        // SAFETY: non-null handle from ioe_merger_create, given up by the
+        // caller. Dropping it flushes; no lock is held while refused
+        // requests are called back.
         drop(unsafe { Box::from_raw(merger) });
         0
     })
