@@ -1,7 +1,10 @@
 /* Reads, writes, syncs and fallocate on both backends, with inline callbacks
  * and with a worker pool: data written at random offsets reads back
- * identical, every channel and the batch call work, counters add up. */
+ * identical, every channel and the batch call work, counters add up; on
+ * pipes and sockets a read completes with what arrived, as read(2) does. */
 #include "test_util.h"
+
+#include <sys/socket.h>
 
 #define BLOCK 4096
 #define FILE_BLOCKS 512
@@ -130,9 +133,38 @@ static void sync_ops_and_eof(uint32_t backend, struct ioe_workers *workers) {
     close(fd);
 }
 
+/* 10 bytes wait in a pipe (or socket); a read of 64 completes with those
+ * 10, while the writer stays open: it does not wait for 54 more. */
+static void short_reads_of_streams(uint32_t backend, struct ioe_workers *workers) {
+    struct ioe_context *ctx = open_context(backend, 4, workers);
+    for (int kind = 0; kind < 2; kind++) {
+        int fds[2];
+        if (kind == 0)
+            CHECK(pipe(fds) == 0);
+        else
+            CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+        struct waiter w;
+        waiter_init(&w);
+        struct slot *s = slots_new(1, &w);
+        static char buf[64];
+        memset(buf, 0, sizeof buf);
+        CHECK_EQ(write(fds[1], "ten bytes!", 10), 10);
+        CHECK_EQ(ioe_read(ctx, fds[0], buf, sizeof buf, 0, IOE_CHANNEL_READ, on_complete, &s[0]), 0);
+        waiter_wait(&w, 1);
+        CHECK_EQ(s[0].result, 10);
+        CHECK(memcmp(buf, "ten bytes!", 10) == 0);
+        slots_check_once(s, 1);
+        close(fds[1]);
+        close(fds[0]);
+        free(s);
+    }
+    CHECK_EQ(ioe_context_destroy(ctx), 0);
+}
+
 static void run(uint32_t backend, struct ioe_workers *workers) {
     random_write_read(backend, workers);
     sync_ops_and_eof(backend, workers);
+    short_reads_of_streams(backend, workers);
 }
 
 int main(void) {

@@ -195,6 +195,16 @@ pub(crate) enum IoRequest {
     Fallocate { mode: i32, offset: u64, len: u64 },
 }
 
+/// Whether the file behind an event takes "the rest" after a short
+/// transfer: only regular files and block devices do; pipes, sockets and
+/// character devices give what they have, as read(2) and write(2) do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Remainder {
+    Unknown,
+    Continue,
+    Stop,
+}
+
 /// What a driver does with a slot after the kernel reported a result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Progress {
@@ -222,6 +232,9 @@ pub struct IOEvent<C: IOCallbackCustom> {
     last_error: i32,
     action: IOAction,
     transient_retries: u8,
+    /// Whether a short transfer continues with the remainder (see
+    /// `takes_remainder`), learned at the first short transfer.
+    remainder: Remainder,
     buf: Option<Buffer>,
     callback: Option<C>,
     /// Only for a merged event (boxed so plain events stay small).
@@ -259,6 +272,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
             last_error: 0,
             action,
             transient_retries: 0,
+            remainder: Remainder::Unknown,
             buf: None,
             callback: None,
             merge: None,
@@ -440,8 +454,10 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     }
 
     /// Applies one kernel result (`bytes` or `-errno`) and decides whether the
-    /// event is complete. Short reads/writes resubmit the remainder; a read
-    /// that reaches end of file completes with the bytes it got.
+    /// event is complete. Short reads/writes of regular files and block
+    /// devices resubmit the remainder (a read that reaches end of file
+    /// completes with the bytes it got); on other files (pipes, sockets,
+    /// character devices) a short transfer completes the event.
     pub(crate) fn apply_result(&mut self, res: i64) -> Progress {
         let transient = res == -(libc::EAGAIN as i64) || res == -(libc::EINTR as i64);
         if transient && self.transient_retries < MAX_TRANSIENT_RETRIES {
@@ -466,8 +482,11 @@ impl<C: IOCallbackCustom> IOEvent<C> {
                 if self.done >= self.length {
                     self.res = self.length as i64;
                     Progress::Complete
-                } else {
+                } else if self.takes_remainder() {
                     Progress::Resubmit
+                } else {
+                    self.res = self.done as i64;
+                    Progress::Complete
                 }
             }
             _ => {
@@ -475,6 +494,22 @@ impl<C: IOCallbackCustom> IOEvent<C> {
                 Progress::Complete
             }
         }
+    }
+
+    /// Whether a short transfer continues with the remainder: asked of the
+    /// file once (an fstat, only on this rare path), then remembered.
+    fn takes_remainder(&mut self) -> bool {
+        if self.remainder == Remainder::Unknown {
+            let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+            // SAFETY: fstat writes into the struct we own; a stale or bad
+            // descriptor only makes it fail.
+            let ok = unsafe { libc::fstat(self.fd, st.as_mut_ptr()) } == 0;
+            // SAFETY: zero-initialised above, and filled by fstat when ok.
+            let mode = unsafe { st.assume_init_ref() }.st_mode;
+            let seekable = ok && matches!(mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFBLK);
+            self.remainder = if seekable { Remainder::Continue } else { Remainder::Stop };
+        }
+        self.remainder == Remainder::Continue
     }
 
     /// Applies a result that must not be retried: it comes from a path that
@@ -581,8 +616,29 @@ impl<C: IOCallbackCustom> fmt::Debug for IOEvent<C> {
 mod tests {
     use super::*;
 
+    /// A regular file to point events at (short-transfer tests need one).
+    fn regular_fd() -> i32 {
+        use std::os::fd::IntoRawFd;
+        std::fs::File::open("/proc/self/exe").unwrap().into_raw_fd()
+    }
+
     fn read_event(len: usize) -> Box<IOEvent<ClosureCb>> {
-        IOEvent::new(3, Buffer::aligned(len).unwrap(), IOAction::Read, 4096)
+        IOEvent::new(regular_fd(), Buffer::aligned(len).unwrap(), IOAction::Read, 4096)
+    }
+
+    #[test]
+    fn a_short_read_from_a_pipe_completes_with_what_arrived() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let mut ev: Box<IOEvent<ClosureCb>> = IOEvent::new(fds[0], Buffer::aligned(64).unwrap(), IOAction::Read, 0);
+        assert_eq!(ev.apply_result(10), Progress::Complete);
+        assert_eq!(ev.result(), Some(10));
+        // SAFETY: closing the descriptors pipe gave us.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
     }
 
     #[test]
@@ -639,11 +695,12 @@ mod tests {
 
     #[test]
     fn merged_split_gives_each_sub_event_its_share() {
+        let fd = regular_fd();
         let mut list = EmbeddedList::new();
         for i in 0..3u64 {
-            list.push_back(IOEvent::<ClosureCb>::new(3, Buffer::aligned(4096).unwrap(), IOAction::Read, i * 4096));
+            list.push_back(IOEvent::<ClosureCb>::new(fd, Buffer::aligned(4096).unwrap(), IOAction::Read, i * 4096));
         }
-        let mut merged = IOEvent::merged(3, IOAction::Read, 0, list);
+        let mut merged = IOEvent::merged(fd, IOAction::Read, 0, list);
         assert_eq!(merged.len(), 3 * 4096);
         // Short: 4096 + 100 bytes, then end of file.
         assert_eq!(merged.apply_result(4096 + 100), Progress::Resubmit);
@@ -663,11 +720,12 @@ mod tests {
 
     #[test]
     fn merged_failure_reaches_every_untransferred_sub_event() {
+        let fd = regular_fd();
         let mut list = EmbeddedList::new();
         for i in 0..2u64 {
-            list.push_back(IOEvent::<ClosureCb>::new(3, Buffer::aligned(512).unwrap(), IOAction::Write, i * 512));
+            list.push_back(IOEvent::<ClosureCb>::new(fd, Buffer::aligned(512).unwrap(), IOAction::Write, i * 512));
         }
-        let mut merged = IOEvent::merged(3, IOAction::Write, 0, list);
+        let mut merged = IOEvent::merged(fd, IOAction::Write, 0, list);
         assert_eq!(merged.apply_result(-(libc::ENOSPC as i64)), Progress::Complete);
         let results: Vec<i64> = merged.split_merged().iter().map(|e| e.result().unwrap()).collect();
         assert_eq!(results, vec![-(libc::ENOSPC as i64); 2]);
@@ -675,11 +733,12 @@ mod tests {
 
     #[test]
     fn merged_partial_write_then_error_splits_bytes_and_error() {
+        let fd = regular_fd();
         let mut list = EmbeddedList::new();
         for i in 0..3u64 {
-            list.push_back(IOEvent::<ClosureCb>::new(3, Buffer::aligned(512).unwrap(), IOAction::Write, i * 512));
+            list.push_back(IOEvent::<ClosureCb>::new(fd, Buffer::aligned(512).unwrap(), IOAction::Write, i * 512));
         }
-        let mut merged = IOEvent::merged(3, IOAction::Write, 0, list);
+        let mut merged = IOEvent::merged(fd, IOAction::Write, 0, list);
         assert_eq!(merged.apply_result(700), Progress::Resubmit);
         assert_eq!(merged.apply_result(-(libc::ENOSPC as i64)), Progress::Complete);
         let results: Vec<i64> = merged.split_merged().iter().map(|e| e.result().unwrap()).collect();
