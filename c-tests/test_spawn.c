@@ -2,7 +2,8 @@
  * context or a callback pool fails with -EAGAIN, promptly, and leaks no
  * thread, descriptor or memory; once threads can be created again the
  * library works as before. Runs in a child process as an unprivileged user
- * (root ignores RLIMIT_NPROC), so it needs root to start; skipped otherwise. */
+ * of its own (root ignores RLIMIT_NPROC), so it needs root to start;
+ * skipped otherwise. */
 #include "test_util.h"
 
 #include <grp.h>
@@ -105,15 +106,17 @@ int main(void) {
     pid_t pid = fork();
     CHECK(pid >= 0);
     if (pid == 0) {
-        /* Root is exempt from RLIMIT_NPROC: become nobody. The hard limit
-         * stays, so the soft one can be lifted again. */
+        /* Root is exempt from RLIMIT_NPROC: become a user of our own (a uid
+         * no other process has, so that only our threads count). The hard
+         * limit stays, so the soft one can be lifted again. */
+        uid_t uid = (uid_t)(2000000 + getpid());
         struct rlimit lim;
         CHECK(getrlimit(RLIMIT_NPROC, &lim) == 0);
         lim.rlim_cur = 1;
         CHECK(setrlimit(RLIMIT_NPROC, &lim) == 0);
         CHECK(setgroups(0, NULL) == 0);
-        CHECK(setgid(65534) == 0);
-        CHECK(setuid(65534) == 0);
+        CHECK(setgid(uid) == 0);
+        CHECK(setuid(uid) == 0);
         child();
     }
     int status = 0;

@@ -232,8 +232,8 @@ pub struct IOEvent<C: IOCallbackCustom> {
     last_error: i32,
     action: IOAction,
     transient_retries: u8,
-    /// Whether a short transfer continues with the remainder (see
-    /// `takes_remainder`), learned at the first short transfer.
+    /// Whether the file is seekable (see `is_seekable`), learned when first
+    /// needed.
     remainder: Remainder,
     buf: Option<Buffer>,
     callback: Option<C>,
@@ -482,7 +482,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
                 if self.done >= self.length {
                     self.res = self.length as i64;
                     Progress::Complete
-                } else if self.takes_remainder() {
+                } else if self.is_seekable() {
                     Progress::Resubmit
                 } else {
                     self.res = self.done as i64;
@@ -496,9 +496,10 @@ impl<C: IOCallbackCustom> IOEvent<C> {
         }
     }
 
-    /// Whether a short transfer continues with the remainder: asked of the
-    /// file once (an fstat, only on this rare path), then remembered.
-    fn takes_remainder(&mut self) -> bool {
+    /// Whether the file is a regular file or block device: only those take
+    /// the remainder after a short transfer, and only they have offsets.
+    /// Asked of the file once (an fstat, only on rare paths), then kept.
+    pub(crate) fn is_seekable(&mut self) -> bool {
         if self.remainder == Remainder::Unknown {
             let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
             // SAFETY: fstat writes into the struct we own; a stale or bad

@@ -1,7 +1,15 @@
 //! The Linux native AIO driver: one kernel AIO context, a submitter thread
 //! (`io_submit` in batches), a poller thread blocked in `io_getevents` with
-//! no timeout, and a helper thread for operations AIO cannot do natively
-//! (fallocate; fsync where the file system refuses AIO fsync).
+//! no timeout, and helper threads for what AIO cannot do without blocking.
+//!
+//! `io_submit` runs many requests synchronously: buffered reads of
+//! uncached data, buffered writes, reads of an empty pipe or socket (which
+//! may wait for ever). Reads and writes therefore go in with RWF_NOWAIT, so
+//! the kernel answers EAGAIN (or EOPNOTSUPP) instead of blocking the thread
+//! that submits (the poller, a caller's pool thread, the submitter); those
+//! requests, fallocate (which AIO lacks) and fsync where the file system
+//! refuses AIO fsync run on helper threads (see `Helpers`), so that a
+//! request that blocks for ever holds up nobody else.
 //!
 //! Every completion reaches the user through the poller: results produced
 //! outside the kernel's AIO path (helper operations, requests `io_submit`
@@ -12,12 +20,12 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
 
 use crossbeam::channel::{self, Receiver, Sender};
+use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
@@ -41,6 +49,9 @@ pub mod abi {
     pub const IOCB_CMD_FDSYNC: u16 = 3;
     pub const IOCB_CMD_PREADV: u16 = 7;
     pub const IOCB_CMD_PWRITEV: u16 = 8;
+
+    /// `aio_rw_flags`: fail with EAGAIN rather than block (4.14).
+    pub const RWF_NOWAIT: i32 = 0x8;
 
     /// `struct iocb`: 64 bytes; `aio_key` and `aio_rw_flags` swap places on
     /// big-endian machines.
@@ -135,9 +146,12 @@ use abi::{aio_context_t, io_event, iocb};
 
 /// Most completions taken by one `io_getevents`.
 const MAX_EVENTS_PER_POLL: usize = 512;
-/// `io_submit` refusals with EAGAIN tolerated for one request before the
-/// error goes to the user.
-const MAX_SUBMIT_EAGAIN: u32 = 64;
+
+/// Helper threads for work that ends (see `Helpers`).
+const BOUNDED_HELPERS: usize = 2;
+
+/// `aio_data` of the start-up probe for RWF_NOWAIT; slot ids are smaller.
+const PROBE_DATA: u64 = u64::MAX - 1;
 
 /// AIO's slot: the event and the `iocb` the kernel reads it from, so the
 /// request needs no other memory.
@@ -146,10 +160,15 @@ pub struct AioSlot<C: IOCallbackCustom> {
     iocb: iocb,
     /// A result produced outside the AIO path, delivered by the wake read.
     parked_result: Option<i64>,
+    /// The event's requests run on a helper thread (AIO has no form for it,
+    /// or the kernel could not start it without blocking).
+    on_helper: bool,
 }
 
 /// What the holder of the submit lock owns: the free-slot list and the
-/// batch of iocb pointers for the next `io_submit`.
+/// iocb pointers for the next `io_submit`. When io_submit refuses for lack
+/// of kernel resources (EAGAIN), the iocbs it did not take stay at the
+/// front of `batch` and the submitter thread retries them with back-off.
 struct SubmitState {
     free: Vec<u32>,
     batch: Vec<*mut iocb>,
@@ -159,18 +178,63 @@ struct SubmitState {
 // state only moves between threads under the `submit` mutex.
 unsafe impl Send for SubmitState {}
 
+/// Who retries a wake read the kernel refused for now.
+#[derive(Clone, Copy)]
+enum Retry<'a> {
+    /// A helper, through this sender (the caller must not wait).
+    Later(&'a Sender<HelperJob>),
+    /// The calling thread, with back-off.
+    Here,
+}
+
+/// Work for the helper threads.
+enum HelperJob {
+    /// Run the next request of this slot's event with a blocking call.
+    Run(u32),
+    /// Announce a result that a thread which must not wait could not
+    /// announce (the kernel refused the wake read for now).
+    Deliver(u32, i64),
+}
+
+/// The helper threads. Work on regular files and block devices ends (a
+/// disk read, a write into the page cache); `BOUNDED_HELPERS` threads run
+/// it, more would only contend for the same inode locks. A read or write
+/// of a stream (pipe, socket, character device) may wait for ever, so
+/// every helper such a request occupies is replaced by a new one while
+/// work waits, up to one per slot: nothing waits behind a stream.
+struct Helpers {
+    jobs: Receiver<HelperJob>,
+    idle: AtomicUsize,
+    started: AtomicUsize,
+    /// Helpers inside a stream read or write now.
+    on_streams: AtomicUsize,
+    max: usize,
+    /// Helpers started after the first; the poller joins them as it exits.
+    grown: Mutex<Vec<JoinHandle<()>>>,
+}
+
 struct AioInner<C: IOCallbackCustom> {
+    /// This value's own `Arc`, for starting helpers from any thread.
+    me: Weak<AioInner<C>>,
     context: aio_context_t,
     destroyed: AtomicBool,
     slots: SlotTable<AioSlot<C>>,
     /// Private memfd that zero-length reads (wake-ups, sentinel) target.
     wake_file: OwnedFd,
-    /// Held while filling slots and submitting: by the submitter thread, or
-    /// by the poller right after a batch of completions (so follow-ups that
-    /// inline callbacks queue go out without a thread hand-off).
+    /// The kernel knows RWF_NOWAIT (4.14). Without it reads and writes run
+    /// inside io_submit, as AIO always did on such kernels.
+    nowait: bool,
+    /// Held while filling slots and submitting: by the submitter thread, the
+    /// poller right after a batch of completions (so follow-ups that inline
+    /// callbacks queue go out without a thread hand-off), or a pool thread.
     submit: SubmitLock<SubmitState>,
     /// Slot ids the poller freed; drained by whoever holds `submit`.
     free_ids: Receiver<u32>,
+    /// Set while io_submit refuses for lack of resources: the iocbs wait in
+    /// the batch and only the submitter thread retries, so the poller and
+    /// pool threads never spin on it.
+    stalled: AtomicBool,
+    helpers: Helpers,
 }
 
 impl<C: IOCallbackCustom> AioInner<C> {
@@ -189,37 +253,86 @@ impl<C: IOCallbackCustom> AioInner<C> {
         }
     }
 
-    /// Submits one iocb, retrying interruptions. Err is the refusal errno.
-    fn submit_one(&self, cb: *mut iocb) -> Result<(), io::Error> {
+    /// Submits one iocb, retrying interruptions. Err is the refusal.
+    fn submit_one(&self, cb: *mut iocb) -> io::Result<()> {
         let mut list = [cb];
-        let mut eagain = 0;
         loop {
             // SAFETY: cb points into a slot this thread owns; its buffers belong
             // to the slot's event, which stays parked until completion.
             match unsafe { abi::io_submit(self.context, 1, list.as_mut_ptr()) } {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && eagain < MAX_SUBMIT_EAGAIN => {
-                    eagain += 1;
-                    thread::yield_now();
-                }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Parks `result` in slot `id` and lets the poller deliver it.
-    fn complete_via_poller(&self, id: u32, result: i64) {
+    /// Parks `result` in slot `id` (owned by the caller) and lets the poller
+    /// deliver it. If the kernel refuses the wake read for now, a helper
+    /// retries it (`Later(sender)`, for threads that must not wait), or this
+    /// thread does, with back-off (`Here`).
+    fn complete_via_poller(&self, id: u32, result: i64, retry: Retry<'_>) {
         // SAFETY: the caller owns the slot and hands it to the kernel below.
         let slot = unsafe { self.slot(id) };
         slot.parked_result = Some(result);
         slot.iocb = wake_iocb(self.wake_file.as_raw_fd(), id as u64);
         let cb: *mut iocb = &mut slot.iocb;
-        // A zero-length read of our own memfd cannot be refused but for lack
-        // of memory; keep trying rather than lose the completion.
+        let mut backoff = Backoff::new();
         while let Err(e) = self.submit_one(cb) {
-            eprintln!("ioengine: AIO wake-up submit failed: {e}; retrying");
-            thread::sleep(Duration::from_millis(1));
+            if !is_resource_shortage(&e) {
+                eprintln!("ioengine: AIO wake-up submit failed: {e}; retrying");
+            }
+            match retry {
+                Retry::Later(helper) => {
+                    self.to_helper(helper, HelperJob::Deliver(id, result));
+                    return;
+                }
+                Retry::Here => backoff.pause(),
+            }
+        }
+    }
+
+    /// Hands slot `id` (owned by the caller) to the helpers: its requests
+    /// run there from now on.
+    fn run_on_helper(&self, helper: &Sender<HelperJob>, id: u32) {
+        // SAFETY: the caller owns the slot and passes it to a helper below.
+        unsafe { self.slot(id) }.on_helper = true;
+        self.to_helper(helper, HelperJob::Run(id));
+    }
+
+    fn to_helper(&self, helper: &Sender<HelperJob>, job: HelperJob) {
+        // Helpers keep their receiver until every sender is gone.
+        let _ = helper.send(job);
+        if self.helpers_short() {
+            self.grow_helpers();
+        }
+    }
+
+    /// Whether jobs wait that no idle helper will take while fewer than
+    /// `BOUNDED_HELPERS` helpers are free of streams.
+    fn helpers_short(&self) -> bool {
+        let h = &self.helpers;
+        let started = h.started.load(Ordering::SeqCst);
+        h.jobs.len() > h.idle.load(Ordering::SeqCst)
+            && started - h.on_streams.load(Ordering::SeqCst).min(started) < BOUNDED_HELPERS
+            && started < h.max
+    }
+
+    /// Starts one more helper. If the thread cannot start, the jobs wait for
+    /// the helpers there are.
+    fn grow_helpers(&self) {
+        let mut grown = self.helpers.grown.lock();
+        let Some(me) = self.me.upgrade() else { return };
+        if !self.helpers_short() {
+            return;
+        }
+        let jobs = self.helpers.jobs.clone();
+        match spawn_engine_thread("ioe-aio-helper", move || worker_helper(me, jobs)) {
+            Ok(handle) => {
+                self.helpers.started.fetch_add(1, Ordering::SeqCst);
+                grown.push(handle);
+            }
+            Err(e) => eprintln!("ioengine: cannot start another AIO helper thread ({e}); its work waits"),
         }
     }
 }
@@ -241,17 +354,44 @@ fn wake_iocb(fd: i32, data: u64) -> iocb {
     }
 }
 
-/// Writes the iocb for the event's next request. Returns false when AIO has
-/// no native form for it (the helper thread runs it instead).
-fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32) -> bool {
-    let (opcode, buf, nbytes, offset) = match event.next_request() {
-        IoRequest::Read { buf, len, offset } => (abi::IOCB_CMD_PREAD, buf as u64, len as u64, offset),
-        IoRequest::Write { buf, len, offset } => (abi::IOCB_CMD_PWRITE, buf as u64, len as u64, offset),
-        IoRequest::Readv { iov, count, offset } => (abi::IOCB_CMD_PREADV, iov as u64, count as u64, offset),
-        IoRequest::Writev { iov, count, offset } => (abi::IOCB_CMD_PWRITEV, iov as u64, count as u64, offset),
-        IoRequest::Fsync => (abi::IOCB_CMD_FSYNC, 0, 0, 0),
-        IoRequest::Fdatasync => (abi::IOCB_CMD_FDSYNC, 0, 0, 0),
-        IoRequest::Fallocate { .. } => return false,
+/// Whether the kernel knows RWF_NOWAIT: a zero-length read of the memfd
+/// with the flag is refused with EOPNOTSUPP (a memfd cannot honour it) by a
+/// kernel that knows it and EINVAL by one that does not.
+fn probe_nowait(context: aio_context_t, memfd: i32) -> bool {
+    let mut probe = iocb { aio_rw_flags: abi::RWF_NOWAIT, ..wake_iocb(memfd, PROBE_DATA) };
+    let mut list = [&mut probe as *mut iocb];
+    // SAFETY: a zero-length read needs no buffer; the iocb outlives the call
+    // and, if the kernel accepts it, its completion is reaped below.
+    match unsafe { abi::io_submit(context, 1, list.as_mut_ptr()) } {
+        Ok(_) => {
+            let mut event = io_event::default();
+            // SAFETY: room for one event; null timeout waits for it.
+            let _ = unsafe { abi::io_getevents(context, 1, 1, &mut event, ptr::null_mut()) };
+            true
+        }
+        Err(e) => e.raw_os_error() != Some(libc::EINVAL),
+    }
+}
+
+/// Where an event's next request runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Kernel,
+    Helper,
+}
+
+/// Writes the iocb for the event's next request; `Helper` when AIO has no
+/// form for it (fallocate).
+fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32, nowait: bool) -> Route {
+    let rw_flags = if nowait { abi::RWF_NOWAIT } else { 0 };
+    let (opcode, buf, nbytes, offset, rw_flags) = match event.next_request() {
+        IoRequest::Read { buf, len, offset } => (abi::IOCB_CMD_PREAD, buf as u64, len as u64, offset, rw_flags),
+        IoRequest::Write { buf, len, offset } => (abi::IOCB_CMD_PWRITE, buf as u64, len as u64, offset, rw_flags),
+        IoRequest::Readv { iov, count, offset } => (abi::IOCB_CMD_PREADV, iov as u64, count as u64, offset, rw_flags),
+        IoRequest::Writev { iov, count, offset } => (abi::IOCB_CMD_PWRITEV, iov as u64, count as u64, offset, rw_flags),
+        IoRequest::Fsync => (abi::IOCB_CMD_FSYNC, 0, 0, 0, 0),
+        IoRequest::Fdatasync => (abi::IOCB_CMD_FDSYNC, 0, 0, 0, 0),
+        IoRequest::Fallocate { .. } => return Route::Helper,
     };
     *cb = iocb {
         aio_data: id as u64,
@@ -260,34 +400,60 @@ fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32
         aio_buf: buf,
         aio_nbytes: nbytes,
         aio_offset: offset as i64,
+        aio_rw_flags: rw_flags,
         ..Default::default()
     };
-    true
+    Route::Kernel
 }
 
-/// Runs a request synchronously (helper thread): 0 or -errno. A call a
-/// signal interrupts is made again here (a bounded number of times), so
-/// the result is final: the poller never retries it as a native AIO
-/// request, which AIO may not have.
+/// Whether the kernel's answer to a RWF_NOWAIT request means "this would
+/// block" (or "cannot promise not to"): then a helper runs it.
+fn would_block(cb: &iocb, result: i64) -> bool {
+    cb.aio_rw_flags & abi::RWF_NOWAIT != 0 && (result == -(libc::EAGAIN as i64) || result == -(libc::EOPNOTSUPP as i64))
+}
+
+/// Runs a request synchronously (helper thread): bytes, 0 or -errno. A
+/// call a signal interrupts is made again here (a bounded number of
+/// times), so the result is final: the poller does not retry it as a
+/// native AIO request. Streams (pipes, sockets) are read and written
+/// without an offset.
 fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
     const MAX_EINTR: usize = 16;
     let fd = event.fd();
+    let seekable = event.is_seekable();
     let request = event.next_request();
     let mut result = 0;
     for _ in 0..MAX_EINTR {
-        // SAFETY: plain syscalls on a descriptor number; a bad one yields EBADF.
+        // SAFETY: plain syscalls on a descriptor number (a bad one yields
+        // EBADF); the buffers and iovecs belong to the event, which this
+        // helper owns until it hands the result back.
         let ret = unsafe {
             match request {
-                IoRequest::Fallocate { mode, offset, len } => {
-                    libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t)
+                IoRequest::Read { buf, len, offset } if seekable => {
+                    libc::pread(fd, buf.cast(), len as usize, offset as libc::off_t) as i64
                 }
-                IoRequest::Fsync => libc::fsync(fd),
-                IoRequest::Fdatasync => libc::fdatasync(fd),
-                _ => return -(libc::EINVAL as i64),
+                IoRequest::Read { buf, len, .. } => libc::read(fd, buf.cast(), len as usize) as i64,
+                IoRequest::Write { buf, len, offset } if seekable => {
+                    libc::pwrite(fd, buf.cast(), len as usize, offset as libc::off_t) as i64
+                }
+                IoRequest::Write { buf, len, .. } => libc::write(fd, buf.cast(), len as usize) as i64,
+                IoRequest::Readv { iov, count, offset } if seekable => {
+                    libc::preadv(fd, iov, count as i32, offset as libc::off_t) as i64
+                }
+                IoRequest::Readv { iov, count, .. } => libc::readv(fd, iov, count as i32) as i64,
+                IoRequest::Writev { iov, count, offset } if seekable => {
+                    libc::pwritev(fd, iov, count as i32, offset as libc::off_t) as i64
+                }
+                IoRequest::Writev { iov, count, .. } => libc::writev(fd, iov, count as i32) as i64,
+                IoRequest::Fallocate { mode, offset, len } => {
+                    libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) as i64
+                }
+                IoRequest::Fsync => libc::fsync(fd) as i64,
+                IoRequest::Fdatasync => libc::fdatasync(fd) as i64,
             }
         };
-        if ret == 0 {
-            return 0;
+        if ret >= 0 {
+            return ret;
         }
         result = neg_errno(&io::Error::last_os_error());
         if result != -(libc::EINTR as i64) {
@@ -314,8 +480,8 @@ fn memory_bytes<C: IOCallbackCustom>(depth: usize) -> usize {
 pub struct AioDriver;
 
 impl AioDriver {
-    /// Sets up the AIO context and starts the submitter, poller and helper
-    /// threads. The io_uring options do not apply and are ignored.
+    /// Sets up the AIO context and starts the submitter, poller and first
+    /// helper threads. The io_uring options do not apply and are ignored.
     pub(crate) fn start<C: IOCallbackCustom>(
         ctx: Arc<IoSharedContext<C>>,
         _opts: &ContextOptions,
@@ -335,22 +501,45 @@ impl AioDriver {
         let nr_events = u32::try_from(depth).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: `context` is a zeroed aio_context_t on our stack.
         unsafe { abi::io_setup(nr_events, &mut context)? };
+        let nowait = probe_nowait(context, wake_file.as_raw_fd());
 
         ctx.driver_bytes.store(memory_bytes::<C>(depth), Ordering::Relaxed);
-        let slots = SlotTable::new(depth, || AioSlot { event: None, iocb: iocb::default(), parked_result: None });
+        let slots = SlotTable::new(depth, || AioSlot {
+            event: None,
+            iocb: iocb::default(),
+            parked_result: None,
+            on_helper: false,
+        });
         let (free_sender, free_ids) = channel::bounded(depth);
         let free_sender_direct = free_sender.clone();
         let submit =
             SubmitLock::new(SubmitState { free: (0..depth as u32).rev().collect(), batch: Vec::with_capacity(depth) });
-        let inner =
-            Arc::new(AioInner { context, destroyed: AtomicBool::new(false), slots, wake_file, submit, free_ids });
-
-        let (helper_sender, helper_receiver) = channel::unbounded::<u32>();
+        let (helper_sender, helper_jobs) = channel::unbounded::<HelperJob>();
+        let helpers = Helpers {
+            jobs: helper_jobs,
+            idle: AtomicUsize::new(0),
+            started: AtomicUsize::new(1),
+            on_streams: AtomicUsize::new(0),
+            max: depth.max(BOUNDED_HELPERS),
+            grown: Mutex::new(Vec::new()),
+        };
+        let inner = Arc::new_cyclic(|me| AioInner {
+            me: me.clone(),
+            context,
+            destroyed: AtomicBool::new(false),
+            slots,
+            wake_file,
+            nowait,
+            submit,
+            free_ids,
+            stalled: AtomicBool::new(false),
+            helpers,
+        });
 
         let mut threads = Vec::with_capacity(3);
         let spawned = (|| -> io::Result<()> {
-            let inner_h = inner.clone();
-            threads.push(spawn_engine_thread("ioe-aio-helper", move || worker_helper(inner_h, helper_receiver))?);
+            let (inner_h, jobs) = (inner.clone(), inner.helpers.jobs.clone());
+            threads.push(spawn_engine_thread("ioe-aio-helper", move || worker_helper(inner_h, jobs))?);
             let (ctx_p, inner_p, helper_p) = (ctx.clone(), inner.clone(), helper_sender.clone());
             threads
                 .push(spawn_engine_thread("ioe-aio-poll", move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?);
@@ -375,7 +564,7 @@ impl AioDriver {
             return Err(e);
         }
         // Holds a helper sender: the submitter drops it when the context has
-        // drained, so the helper thread can end.
+        // drained, so the helper threads can end.
         let inner_d = inner.clone();
         ctx.set_direct_submit(Box::new(move |ctx| {
             hand_back(ctx, &inner_d, &mut Vec::new(), &free_sender_direct, &helper_sender)
@@ -391,7 +580,7 @@ struct AioFiller<'a, C: IOCallbackCustom> {
     inner: &'a AioInner<C>,
     free: &'a mut Vec<u32>,
     batch: &'a mut Vec<*mut iocb>,
-    helper: &'a Sender<u32>,
+    helper: &'a Sender<HelperJob>,
 }
 
 impl<C: IOCallbackCustom> SlotCollection<C> for AioFiller<'_, C> {
@@ -403,89 +592,111 @@ impl<C: IOCallbackCustom> SlotCollection<C> for AioFiller<'_, C> {
         self.ctx.free_slots_count.fetch_sub(1, Ordering::SeqCst);
         // SAFETY: `id` came from the free list, so this thread owns the slot.
         let slot = unsafe { self.inner.slot(id) };
+        slot.on_helper = false;
         let event = slot.event.insert(event);
-        if fill_iocb(&mut slot.iocb, event, id) {
-            self.batch.push(&mut slot.iocb);
-        } else {
-            // The helper owns the slot from here; its thread outlives the submitter.
-            let _ = self.helper.send(id);
+        match fill_iocb(&mut slot.iocb, event, id, self.inner.nowait) {
+            Route::Kernel => self.batch.push(&mut slot.iocb),
+            Route::Helper => self.inner.run_on_helper(self.helper, id),
         }
     }
 }
 
-/// Submits the batch; a request the kernel refuses gets its error through
-/// the poller (fsync the file system cannot do asynchronously goes to the
-/// helper instead).
-fn submit_batch<C: IOCallbackCustom>(inner: &AioInner<C>, batch: &mut Vec<*mut iocb>, helper: &Sender<u32>) {
+/// Submits the batch. A request the kernel refuses gets its error through
+/// the poller, or runs on a helper (a read or write the file cannot promise
+/// to start without blocking; fsync the file system cannot do through
+/// AIO). If the kernel is short of resources (EAGAIN), the iocbs it did not
+/// take stay in the batch; returns true then.
+fn submit_batch<C: IOCallbackCustom>(
+    inner: &AioInner<C>,
+    batch: &mut Vec<*mut iocb>,
+    helper: &Sender<HelperJob>,
+) -> bool {
     let mut start = 0;
-    let mut eagain = 0;
     while start < batch.len() {
         let rest = batch.len() - start;
         // SAFETY: every pointer is the iocb of a slot this thread filled and owns;
         // the slot's event keeps the buffers alive until completion.
         match unsafe { abi::io_submit(inner.context, rest, batch.as_mut_ptr().add(start)) } {
-            Ok(n) => {
-                start += n;
-                eagain = 0;
-            }
+            Ok(n) => start += n,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && eagain < MAX_SUBMIT_EAGAIN => {
-                eagain += 1;
-                thread::yield_now();
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                batch.drain(..start);
+                return true;
             }
             Err(e) => {
                 // io_submit stops at the first request it refuses.
                 // SAFETY: the pointer is a slot iocb owned by this thread.
                 let refused = unsafe { &*batch[start] };
                 let id = refused.aio_data as u32;
+                let errno = neg_errno(&e);
                 let is_sync = matches!(refused.aio_lio_opcode, abi::IOCB_CMD_FSYNC | abi::IOCB_CMD_FDSYNC);
-                if is_sync && e.raw_os_error() == Some(libc::EINVAL) {
-                    let _ = helper.send(id);
+                if would_block(refused, errno) || (is_sync && errno == -(libc::EINVAL as i64)) {
+                    inner.run_on_helper(helper, id);
                 } else {
-                    inner.complete_via_poller(id, neg_errno(&e));
+                    inner.complete_via_poller(id, errno, Retry::Later(helper));
                 }
                 start += 1;
-                eagain = 0;
             }
         }
     }
     batch.clear();
+    false
 }
 
 /// One submission step under the submit lock: take back freed slots, fill
-/// them from the queues (writing their iocbs) and submit them in one call.
+/// them from the queues (writing their iocbs) and submit them, after any
+/// the kernel refused for lack of resources before. Threads that must not
+/// wait leave such a backlog to the submitter thread (`may_wait`), which
+/// they wake. Returns true if a backlog remains.
 fn submit_step<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &AioInner<C>,
     state: &mut SubmitState,
-    helper: &Sender<u32>,
-) {
-    if ctx.total_count.load(Ordering::SeqCst) == 0 {
-        return;
+    helper: &Sender<HelperJob>,
+    may_wait: bool,
+) -> bool {
+    if ctx.total_count.load(Ordering::SeqCst) > 0 {
+        state.free.extend(inner.free_ids.try_iter());
+        let quota = state.free.len();
+        let mut filler = AioFiller { ctx, inner, free: &mut state.free, batch: &mut state.batch, helper };
+        poll_request_from_queues(ctx, quota, &mut filler);
     }
-    state.free.extend(inner.free_ids.try_iter());
-    let quota = state.free.len();
-    let mut filler = AioFiller { ctx, inner, free: &mut state.free, batch: &mut state.batch, helper };
-    poll_request_from_queues(ctx, quota, &mut filler);
-    submit_batch(inner, &mut state.batch, helper);
+    if state.batch.is_empty() || (!may_wait && inner.stalled.load(Ordering::SeqCst)) {
+        return !state.batch.is_empty();
+    }
+    let backlog = submit_batch(inner, &mut state.batch, helper);
+    if backlog && !may_wait && !inner.stalled.swap(true, Ordering::SeqCst) {
+        let _ = ctx.noti_sender.try_send(());
+    }
+    backlog
 }
 
 fn worker_submit<C: IOCallbackCustom>(
     ctx: Arc<IoSharedContext<C>>,
     inner: Arc<AioInner<C>>,
     noti: Receiver<()>,
-    helper: Sender<u32>,
+    helper: Sender<HelperJob>,
 ) {
     let direct = ctx.direct_submit_guard();
+    let mut backoff = Backoff::new();
     loop {
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
-        let out_of_slots = {
+        let (out_of_slots, backlog) = {
             let mut state = inner.submit.lock_for_step();
-            submit_step(&ctx, &inner, &mut state, &helper);
-            state.free.is_empty()
+            let backlog = submit_step(&ctx, &inner, &mut state, &helper, true);
+            (state.free.is_empty(), backlog)
         };
+        if backlog {
+            // The kernel is short of resources: the iocbs wait (their slots
+            // stay busy, so nothing is lost) until it takes them.
+            inner.stalled.store(true, Ordering::SeqCst);
+            backoff.pause();
+            continue;
+        }
+        inner.stalled.store(false, Ordering::SeqCst);
+        backoff.reset();
         if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
@@ -529,31 +740,33 @@ fn send_sentinel<C: IOCallbackCustom>(inner: &AioInner<C>) {
 /// list and the queued follow-ups are submitted, unless another thread
 /// holds the submit lock; then that thread does it (see
 /// `SubmitLock::step_or_leave`). Also the direct submission step of
-/// callbacks on pool threads (with nothing freed).
+/// callbacks on pool threads (with nothing freed). Never waits.
 fn hand_back<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &AioInner<C>,
     freed: &mut Vec<u32>,
     free_sender: &Sender<u32>,
-    helper: &Sender<u32>,
+    helper: &Sender<HelperJob>,
 ) {
     if freed.is_empty() && ctx.total_count.load(Ordering::SeqCst) == 0 {
         return;
     }
     inner.submit.step_or_leave(freed, free_sender, |state, freed| {
         state.free.append(freed);
-        submit_step(ctx, inner, state, helper);
+        submit_step(ctx, inner, state, helper, false);
     });
 }
 
 /// Applies a result to slot `id`: completes the event, or issues the next
 /// request for the rest of a short transfer (from this thread, since
-/// io_submit is thread-safe).
+/// io_submit is thread-safe and the request will not block), or hands it to
+/// a helper when the kernel could not run it without blocking. `final_result`:
+/// the result came from outside AIO and is not retried.
 fn handle_result<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &AioInner<C>,
     freed: &mut Vec<u32>,
-    helper: &Sender<u32>,
+    helper: &Sender<HelperJob>,
     id: u32,
     mut result: i64,
     mut final_result: bool,
@@ -561,6 +774,10 @@ fn handle_result<C: IOCallbackCustom>(
     // SAFETY: the kernel returned this slot's request; nobody else holds it.
     let slot = unsafe { inner.slot(id) };
     loop {
+        if !final_result && would_block(&slot.iocb, result) {
+            inner.run_on_helper(helper, id);
+            return;
+        }
         let Some(event) = slot.event.as_mut() else { return };
         let progress = if final_result { event.apply_final_result(result) } else { event.apply_result(result) };
         match progress {
@@ -574,12 +791,17 @@ fn handle_result<C: IOCallbackCustom>(
                 return;
             }
             Progress::Resubmit => {
-                if !fill_iocb(&mut slot.iocb, event, id) {
-                    let _ = helper.send(id);
+                if slot.on_helper || fill_iocb(&mut slot.iocb, event, id, inner.nowait) == Route::Helper {
+                    inner.run_on_helper(helper, id);
                     return;
                 }
                 match inner.submit_one(&mut slot.iocb) {
                     Ok(()) => return,
+                    Err(e) if is_resource_shortage(&e) || would_block(&slot.iocb, neg_errno(&e)) => {
+                        // Not on this thread: a helper runs it (and may wait).
+                        inner.run_on_helper(helper, id);
+                        return;
+                    }
                     Err(e) => {
                         result = neg_errno(&e);
                         final_result = true;
@@ -594,11 +816,11 @@ fn worker_poll<C: IOCallbackCustom>(
     ctx: Arc<IoSharedContext<C>>,
     inner: Arc<AioInner<C>>,
     free_sender: Sender<u32>,
-    helper: Sender<u32>,
+    helper: Sender<HelperJob>,
 ) {
     // Callbacks that run inline here queue follow-ups without waking the
     // submitter: this thread submits them after the batch.
-    let _mark = PollerMark::set(&ctx);
+    let mark = PollerMark::set(&ctx);
     let capacity = ctx.depth.min(MAX_EVENTS_PER_POLL);
     let mut events = vec![io_event::default(); capacity];
     let mut freed: Vec<u32> = Vec::with_capacity(ctx.depth);
@@ -610,9 +832,10 @@ fn worker_poll<C: IOCallbackCustom>(
             Ok(n) => n,
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => {
-                eprintln!("ioengine: io_getevents failed: {e}; retrying");
-                thread::yield_now();
-                continue;
+                // Only a context the engine broke fails here: nothing could
+                // ever be reaped again, and retrying would spin.
+                eprintln!("ioengine: internal error: io_getevents failed: {e}; aborting");
+                std::process::abort();
             }
         };
         for (n, info) in events[..got].iter().enumerate() {
@@ -626,26 +849,57 @@ fn worker_poll<C: IOCallbackCustom>(
                 continue;
             }
             let id = info.data as u32;
-            // SAFETY: this completion hands slot `id` to this thread.
-            // A parked result was produced outside AIO (the helper, or a
+            // A parked result was produced outside AIO (a helper, or a
             // refusal by io_submit) and is final.
+            // SAFETY: this completion hands slot `id` to this thread.
             let parked = unsafe { inner.slot(id) }.parked_result.take();
             handle_result(&ctx, &inner, &mut freed, &helper, id, parked.unwrap_or(info.res), parked.is_some());
         }
         if exiting && ctx.free_slots_count.load(Ordering::SeqCst) == ctx.depth {
-            inner.destroy();
-            return;
+            break;
         }
         hand_back(&ctx, &inner, &mut freed, &free_sender, &helper);
     }
+    drop(mark);
+    inner.destroy();
+    // The helpers end once every sender of their channel is gone (the
+    // submitter drops its own as it returns); join the ones started late.
+    drop(helper);
+    let grown = std::mem::take(&mut *inner.helpers.grown.lock());
+    for handle in grown {
+        let _ = handle.join();
+    }
 }
 
-/// Runs the operations AIO cannot do natively, off the submitter and poller.
-fn worker_helper<C: IOCallbackCustom>(inner: Arc<AioInner<C>>, jobs: Receiver<u32>) {
-    for id in jobs.iter() {
-        // SAFETY: whoever sent the id handed the slot over to this thread.
-        let slot = unsafe { inner.slot(id) };
-        let result = slot.event.as_mut().map_or(-(libc::EINVAL as i64), |event| run_blocking(event));
-        inner.complete_via_poller(id, result);
+/// Runs what AIO cannot run without blocking, off the submitter, the poller
+/// and callers' threads.
+fn worker_helper<C: IOCallbackCustom>(inner: Arc<AioInner<C>>, jobs: Receiver<HelperJob>) {
+    loop {
+        inner.helpers.idle.fetch_add(1, Ordering::SeqCst);
+        let job = jobs.recv();
+        inner.helpers.idle.fetch_sub(1, Ordering::SeqCst);
+        let Ok(job) = job else { return };
+        match job {
+            HelperJob::Run(id) => {
+                // SAFETY: whoever sent the id handed the slot over to this thread.
+                let slot = unsafe { inner.slot(id) };
+                let result = slot.event.as_mut().map_or(-(libc::EINVAL as i64), |event| {
+                    if event.is_seekable() {
+                        return run_blocking(event);
+                    }
+                    // This thread may now wait for ever: let another take over
+                    // the waiting work.
+                    inner.helpers.on_streams.fetch_add(1, Ordering::SeqCst);
+                    if inner.helpers_short() {
+                        inner.grow_helpers();
+                    }
+                    let result = run_blocking(event);
+                    inner.helpers.on_streams.fetch_sub(1, Ordering::SeqCst);
+                    result
+                });
+                inner.complete_via_poller(id, result, Retry::Here);
+            }
+            HelperJob::Deliver(id, result) => inner.complete_via_poller(id, result, Retry::Here),
+        }
     }
 }
