@@ -21,6 +21,9 @@ use crate::tasks::{IOCallbackCustom, IOChannel, IOEvent};
 /// entries; the limit stays one below, as it always was).
 pub const MAX_DEPTH: usize = 32767;
 
+/// Depth of `ContextOptions::default()`.
+pub const DEFAULT_DEPTH: usize = 128;
+
 /// How a context is set up. `Default` gives depth 128 and automatic backend
 /// choice with no special io_uring flags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,7 +45,13 @@ pub struct ContextOptions {
 
 impl Default for ContextOptions {
     fn default() -> Self {
-        ContextOptions { depth: 128, backend: Backend::Auto, sqpoll_idle_ms: None, iopoll: false, cq_size: None }
+        ContextOptions {
+            depth: DEFAULT_DEPTH,
+            backend: Backend::Auto,
+            sqpoll_idle_ms: None,
+            iopoll: false,
+            cq_size: None,
+        }
     }
 }
 

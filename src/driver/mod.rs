@@ -398,6 +398,28 @@ mod tests {
     use crate::context::{ContextOptions, IOContext};
     use crate::tasks::ClosureCb;
 
+    /// A panic in engine code (not a user callback) ends the process with
+    /// a message rather than leaving a drain waiting for a dead thread. Run
+    /// in a child process: the test binary again, with only this test.
+    #[test]
+    fn a_panicking_engine_thread_aborts_with_a_message() {
+        const CHILD: &str = "IOENGINE_TEST_PANICKING_ENGINE_THREAD";
+        if std::env::var_os(CHILD).is_some() {
+            let handle = super::spawn_engine_thread("ioe-test-bug", || panic!("engine bug (expected by the test)"));
+            let _ = handle.unwrap().join();
+            unreachable!("the process should have aborted");
+        }
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "driver::tests::a_panicking_engine_thread_aborts_with_a_message", "--nocapture"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(output.status.signal(), Some(libc::SIGABRT), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("engine thread ioe-test-bug panicked; aborting"), "{stderr}");
+    }
+
     /// Every thread a context or a pool starts may fail to start: creation
     /// then fails with EAGAIN, promptly (threads already started are ended
     /// and joined), whatever the backend and wherever the failure falls.

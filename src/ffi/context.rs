@@ -35,6 +35,11 @@ pub const IOE_MAX_DEPTH: u32 = 32767;
 /// Default queue depth set by `ioe_context_options_init`.
 pub const IOE_DEFAULT_DEPTH: u32 = 128;
 
+// The C constants are literals for cbindgen; the build fails if they drift
+// from the core's.
+const _: () = assert!(IOE_MAX_DEPTH as usize == crate::context::MAX_DEPTH);
+const _: () = assert!(IOE_DEFAULT_DEPTH as usize == crate::context::DEFAULT_DEPTH);
+
 /// How to create a context. Always fill it with `ioe_context_options_init`
 /// first, then change the fields you need.
 #[repr(C)]
@@ -326,12 +331,4 @@ pub extern "C" fn ioe_context_stats(ctx: *const ioe_context, out: *mut ioe_stats
         unsafe { out.write(stats) };
         0
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn max_depth_is_the_core_one() {
-        assert_eq!(super::IOE_MAX_DEPTH as usize, crate::context::MAX_DEPTH);
-    }
 }

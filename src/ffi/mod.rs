@@ -81,3 +81,14 @@ pub(crate) fn guard64<F: FnOnce() -> i64>(f: F) -> i64 {
 pub(crate) fn neg(err: &io::Error) -> i32 {
     -err.raw_os_error().unwrap_or(libc::EIO)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_at_the_boundary_is_not_an_io_error() {
+        let rc = super::guard(|| panic!("engine bug (expected by the test)"));
+        assert_eq!(rc, -libc::ENOTRECOVERABLE);
+        assert_ne!(rc, -libc::EIO);
+        assert_eq!(super::guard64(|| panic!("engine bug (expected by the test)")), -(libc::ENOTRECOVERABLE as i64));
+    }
+}
