@@ -20,7 +20,11 @@ int main(int argc, char **argv) {
 
     static char out[4096] = "hello, ioengine", in[4096];
     ioe_write(ctx, fd, out, sizeof out, 0, IOE_CHANNEL_WRITE, done, "write");
-    ioe_fsync(ctx, fd, IOE_CHANNEL_WRITE, done, "fsync");
+    /* Requests run concurrently; IOE_REQ_DRAIN makes the fsync wait for the
+     * write (and anything accepted before it), so it covers the write. */
+    struct ioe_request sync = {.op = IOE_OP_FSYNC, .channel = IOE_CHANNEL_WRITE, .fd = fd,
+                               .callback = done, .user_data = "fsync", .flags = IOE_REQ_DRAIN};
+    ioe_submit(ctx, &sync);
     ioe_context_destroy(ctx);                        /* drains: waits for both callbacks */
 
     ioe_context_create(NULL, &ctx);

@@ -18,6 +18,10 @@
  *     there (one system call, saving a hop to the submitter thread).
  *   - A request accepted by a submission function (return value >= 0) gets
  *     exactly one callback; a refused one (negative return) gets none.
+ *   - Accepted requests run concurrently, in no particular order: a write
+ *     and then an fdatasync may complete the other way round. Set
+ *     IOE_REQ_DRAIN on a request to start it only after everything accepted
+ *     before it has completed (and everything after it only once it has).
  *   - Callbacks run on the threads of the context's ioe_workers pool or, if
  *     the context has none, on its poller thread, where they must not block
  *     (nor throw). From a callback you may call every function except
@@ -126,6 +130,15 @@
 #define IOE_OP_FALLOCATE 4
 
 /**
+ * Request flag: start this request only once every request accepted
+ * before it by the context has completed, and start requests accepted
+ * after it only once it has completed (io_uring's IOSQE_IO_DRAIN, on both
+ * backends). Accepted requests otherwise run in no particular order: a
+ * write followed by an fdatasync without this flag may be synced first.
+ */
+#define IOE_REQ_DRAIN (1 << 0)
+
+/**
  * Served first, without a budget (strict priority).
  */
 #define IOE_CHANNEL_PRIO 0
@@ -190,6 +203,14 @@ typedef struct ioe_context_options {
      */
     uint32_t cq_size;
     /**
+     * Most requests the context holds queued, waiting for a free slot (a
+     * merged run counts once); past it the submission functions return
+     * -EAGAIN at once (also from callbacks) and ioe_stats.queue_full
+     * counts it. 0 (the default): no limit, so a producer faster than the
+     * device grows memory without bound.
+     */
+    uint32_t max_queued;
+    /**
      * Callback pool, or NULL to run callbacks directly on the context's
      * poller thread (lowest latency; such callbacks must not block).
      * Borrowed: the context takes its own reference.
@@ -246,9 +267,14 @@ typedef struct ioe_stats {
      */
     uint64_t cq_overflows;
     /**
+     * Submissions refused with -EAGAIN because `max_queued` requests were
+     * queued.
+     */
+    uint64_t queue_full;
+    /**
      * Zero; room for counters added later without changing the size.
      */
-    uint64_t reserved[7];
+    uint64_t reserved[6];
 } ioe_stats;
 
 /**
@@ -300,6 +326,14 @@ typedef struct ioe_request {
      * Passed to the callback unchanged.
      */
     void *user_data;
+    /**
+     * IOE_REQ_* bits (0 for none).
+     */
+    uint32_t flags;
+    /**
+     * Must be zero.
+     */
+    uint32_t reserved;
 } ioe_request;
 
 #ifdef __cplusplus
@@ -478,12 +512,15 @@ int ioe_merger_held(struct ioe_merger *merger);
 int ioe_merger_destroy(struct ioe_merger *merger);
 
 /**
- * Queues one request; never waits (see Conventions). Returns 0 (the callback will run
- * exactly once) or, with no callback ever, -EINVAL (NULL `ctx`/`req`,
- * unknown op or channel, NULL callback, NULL or zero-length buffer for a
- * read/write, non-NULL buffer or zero length for fallocate, range beyond
- * INT64_MAX) or -ESHUTDOWN (the context is being destroyed).
- * Any thread may call it at any time, also from callbacks.
+ * Queues one request; never waits (see Conventions). Accepted requests
+ * run in no particular order unless IOE_REQ_DRAIN orders them. Returns 0
+ * (the callback will run exactly once) or, with no callback ever, -EINVAL
+ * (NULL `ctx`/`req`, unknown op, channel or flag, non-zero `reserved`,
+ * NULL callback, NULL or zero-length buffer for a read/write, non-NULL
+ * buffer or zero length for fallocate, range beyond INT64_MAX, fsync,
+ * fdatasync or fallocate on an IOE_SETUP_IOPOLL context), -EAGAIN (the
+ * context holds `max_queued` requests) or -ESHUTDOWN (the context is being
+ * destroyed). Any thread may call it at any time, also from callbacks.
  */
 int ioe_submit(struct ioe_context *ctx, const struct ioe_request *req);
 

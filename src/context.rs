@@ -14,6 +14,7 @@ use crossbeam::queue::SegQueue;
 use parking_lot::Mutex;
 
 use crate::callback_worker::{in_callback_of, run_detached, CompletionTracker, IOWorkers};
+use crate::common::Barriers;
 use crate::driver::{self, ActionSet, Backend};
 use crate::tasks::{IOCallbackCustom, IOChannel, IOEvent};
 
@@ -41,6 +42,9 @@ pub struct ContextOptions {
     /// io_uring only: completion-queue entries (IORING_SETUP_CQSIZE); at
     /// least `depth` (the default is `depth`, rounded up to a power of two).
     pub cq_size: Option<u32>,
+    /// Most requests the context holds queued (not yet in flight); past
+    /// it, `submit` refuses with EAGAIN at once. None: no limit.
+    pub max_queued: Option<usize>,
 }
 
 impl Default for ContextOptions {
@@ -51,6 +55,7 @@ impl Default for ContextOptions {
             sqpoll_idle_ms: None,
             iopoll: false,
             cq_size: None,
+            max_queued: None,
         }
     }
 }
@@ -70,6 +75,9 @@ impl ContextOptions {
             if (cq as usize) < self.depth || cq > crate::ring::MAX_CQ_ENTRIES {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
+        }
+        if self.max_queued == Some(0) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(())
     }
@@ -100,6 +108,9 @@ pub struct IoStats {
     /// plus completions the kernel dropped. Zero by design; anything else
     /// is a bug worth reporting.
     pub cq_overflows: u64,
+    /// Submissions refused with EAGAIN because `max_queued` requests were
+    /// queued.
+    pub queue_full: u64,
 }
 
 #[derive(Default)]
@@ -109,6 +120,7 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) merged: AtomicU64,
     pub(crate) cq_overflows: AtomicU64,
+    pub(crate) queue_full: AtomicU64,
 }
 
 /// The state shared by the user side and the driver threads. It holds no
@@ -122,8 +134,12 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
     /// Submissions between their `running` check and their enqueue; the
     /// submitter only stops when this is zero, so none can slip past shutdown.
     pub(crate) active_submits: AtomicUsize,
-    /// Events waiting in the three queues.
+    /// Events waiting to be scheduled: in the three queues or held behind a
+    /// drain request. Counted before an event is queued (a reservation,
+    /// see `reserve_queued`), so it may run ahead of the queues briefly.
     pub total_count: AtomicUsize,
+    /// Most events `total_count` may reach through `submit`.
+    pub(crate) max_queued: usize,
     /// Driver slots not carrying an I/O; `depth - free` are in flight.
     pub free_slots_count: AtomicUsize,
 
@@ -143,6 +159,8 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
     pub(crate) reads_first: AtomicBool,
     pub(crate) counters: Counters,
     pub(crate) tracker: Arc<CompletionTracker>,
+    /// Drain requests and what waits behind them.
+    pub(crate) barriers: Barriers<C>,
     /// Bytes the running driver keeps (set once when it starts).
     pub(crate) driver_bytes: AtomicUsize,
     /// io_uring set-up flags in force (`ring::setup` bits; 0 on AIO).
@@ -159,7 +177,7 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
 pub(crate) type DirectSubmit<C> = Box<dyn Fn(&IoSharedContext<C>) + Send + Sync>;
 
 impl<C: IOCallbackCustom> IoSharedContext<C> {
-    fn new(depth: usize, cb_workers: IOWorkers<C>) -> (Arc<Self>, Receiver<()>) {
+    fn new(depth: usize, max_queued: Option<usize>, cb_workers: IOWorkers<C>) -> (Arc<Self>, Receiver<()>) {
         let (noti_sender, noti_receiver) = channel::bounded(1);
         let tracker = Arc::new(CompletionTracker::new(noti_sender.clone()));
         let shared = Arc::new(IoSharedContext {
@@ -167,6 +185,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
             running: AtomicBool::new(true),
             active_submits: AtomicUsize::new(0),
             total_count: AtomicUsize::new(0),
+            max_queued: max_queued.unwrap_or(usize::MAX),
             free_slots_count: AtomicUsize::new(depth),
             prio_queue: SegQueue::new(),
             read_queue: SegQueue::new(),
@@ -179,6 +198,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
             reads_first: AtomicBool::new(true),
             counters: Counters::default(),
             tracker,
+            barriers: Barriers::new(),
             driver_bytes: AtomicUsize::new(0),
             setup_flags: AtomicU32::new(0),
             direct_submit: Mutex::new(None),
@@ -188,14 +208,46 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
 
     #[cfg(test)]
     pub(crate) fn new_for_tests(depth: usize, cb_workers: IOWorkers<C>) -> Arc<Self> {
-        Self::new(depth, cb_workers).0
+        Self::new(depth, None, cb_workers).0
     }
 
-    /// Puts an accepted event on its queue and wakes the submitter.
-    pub(crate) fn enqueue(&self, event: Box<IOEvent<C>>, channel: IOChannel) {
-        let callbacks = event.callback_count();
-        self.tracker.add(callbacks);
-        self.counters.submitted.fetch_add(callbacks as u64, Ordering::Relaxed);
+    #[cfg(test)]
+    pub(crate) fn new_for_tests_limited(depth: usize, max_queued: usize, cb_workers: IOWorkers<C>) -> Arc<Self> {
+        Self::new(depth, Some(max_queued), cb_workers).0
+    }
+
+    /// Counts one more event waiting to be scheduled, unless `max_queued`
+    /// are already (then false, and the refusal is counted). `forced`: the
+    /// limit does not apply (a merger's run, made of requests it accepted).
+    pub(crate) fn reserve_queued(&self, forced: bool) -> bool {
+        if forced || self.max_queued == usize::MAX {
+            self.total_count.fetch_add(1, Ordering::SeqCst);
+            return true;
+        }
+        let max = self.max_queued;
+        let reserved =
+            self.total_count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1)).is_ok();
+        if !reserved {
+            self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    /// Whether `max_queued` events wait to be scheduled.
+    pub(crate) fn queue_is_full(&self) -> bool {
+        self.max_queued != usize::MAX && self.total_count.load(Ordering::SeqCst) >= self.max_queued
+    }
+
+    /// Events in the three queues, ready to be scheduled (not those held
+    /// behind a drain request).
+    pub(crate) fn ready_count(&self) -> usize {
+        self.prio_count.load(Ordering::SeqCst)
+            + self.read_count.load(Ordering::SeqCst)
+            + self.write_count.load(Ordering::SeqCst)
+    }
+
+    /// Puts an event on its channel's queue (already counted in `total_count`).
+    pub(crate) fn push_to_queue(&self, event: Box<IOEvent<C>>, channel: IOChannel) {
         let (queue, count) = match channel {
             IOChannel::Prio => (&self.prio_queue, &self.prio_count),
             IOChannel::Read => (&self.read_queue, &self.read_count),
@@ -204,7 +256,17 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
         // Push before counting: a non-zero count always has an event behind it.
         queue.push(event);
         count.fetch_add(1, Ordering::SeqCst);
-        self.total_count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Puts an accepted event, already counted by `reserve_queued`, on its
+    /// queue (or behind a drain request) and wakes the submitter.
+    pub(crate) fn enqueue(&self, event: Box<IOEvent<C>>, channel: IOChannel) {
+        let callbacks = event.callback_count();
+        self.tracker.add(callbacks);
+        self.counters.submitted.fetch_add(callbacks as u64, Ordering::Relaxed);
+        if let Err((event, channel)) = self.barriers.hold(event, channel) {
+            self.push_to_queue(event, channel);
+        }
         // The context's own poller submits after its batch. Its callbacks on
         // pool threads submit right here when the submit lock is free: a
         // thread hop less per I/O in the usual "done, issue the next" loop.
@@ -368,7 +430,7 @@ impl<C: IOCallbackCustom> IOContext<C> {
     pub fn with_options(opts: &ContextOptions, cbs: &IOWorkers<C>) -> io::Result<Arc<Self>> {
         opts.validate()?;
         let backend = driver::resolve_backend(opts.backend)?;
-        let (shared, noti_receiver) = IoSharedContext::new(opts.depth, cbs.clone());
+        let (shared, noti_receiver) = IoSharedContext::new(opts.depth, opts.max_queued, cbs.clone());
         let started = driver::start(&shared, opts, backend, noti_receiver)?;
         Ok(Arc::new(IOContext {
             noti_sender: shared.noti_sender.clone(),
@@ -380,18 +442,20 @@ impl<C: IOCallbackCustom> IOContext<C> {
         }))
     }
 
-    /// Queues an event. Never blocks and never fails for a valid event; its
-    /// callback runs exactly once with the result. An invalid event (zero
-    /// length read/write, a range past `i64::MAX`, an event that already
-    /// completed, a fallocate with a buffer, an fsync, fdatasync or
-    /// fallocate on an IOPOLL context) is handed back with `EINVAL` and no
-    /// callback will run for it.
+    /// Queues an event. Never blocks; once accepted, its callback runs
+    /// exactly once with the result. Accepted events run in no particular
+    /// order (a drain event, `IOEvent::set_drain`, orders itself after every
+    /// event accepted before it and before every event accepted after it).
+    /// Refused events are handed back and never called back: an invalid
+    /// one (zero length read/write, a range past `i64::MAX`, an event that
+    /// already completed, a fallocate with a buffer, an fsync, fdatasync or
+    /// fallocate on an IOPOLL context) with `EINVAL`; with `EAGAIN` when
+    /// `max_queued` events are queued; with `ESHUTDOWN` after shutdown.
     pub fn submit(&self, event: Box<IOEvent<C>>, channel: IOChannel) -> Result<(), SubmitError<C>> {
         if let Err(errno) = self.check(&event) {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }
-        self.enqueue_gated(event, channel)
-            .map_err(|event| SubmitError { error: io::Error::from_raw_os_error(libc::ESHUTDOWN), event })
+        self.enqueue_gated(event, channel, false)
     }
 
     /// What `submit` refuses synchronously (an errno), before queueing.
@@ -403,8 +467,15 @@ impl<C: IOCallbackCustom> IOContext<C> {
         Ok(())
     }
 
-    /// Enqueues unless shutdown has started (then hands the event back).
-    pub(crate) fn enqueue_gated(&self, event: Box<IOEvent<C>>, channel: IOChannel) -> Result<(), Box<IOEvent<C>>> {
+    /// Enqueues unless shutdown has started (ESHUTDOWN) or the queues are
+    /// full (EAGAIN; `forced` events go in regardless), handing the event
+    /// back then.
+    pub(crate) fn enqueue_gated(
+        &self,
+        event: Box<IOEvent<C>>,
+        channel: IOChannel,
+        forced: bool,
+    ) -> Result<(), SubmitError<C>> {
         let inner = &*self.inner;
         // Announce the submission before checking `running`: shutdown stores
         // `running` first and the submitter checks `active_submits` after, so
@@ -413,11 +484,13 @@ impl<C: IOCallbackCustom> IOContext<C> {
         // While draining, the context's own callbacks may still submit: the
         // callback running on this thread keeps the drain from finishing.
         let open = inner.running.load(Ordering::SeqCst) || in_callback_of(&inner.tracker);
-        let outcome = if open {
+        let outcome = if !open {
+            Err(SubmitError { error: io::Error::from_raw_os_error(libc::ESHUTDOWN), event })
+        } else if !inner.reserve_queued(forced) {
+            Err(SubmitError { error: io::Error::from_raw_os_error(libc::EAGAIN), event })
+        } else {
             inner.enqueue(event, channel);
             Ok(())
-        } else {
-            Err(event)
         };
         inner.active_submits.fetch_sub(1, Ordering::SeqCst);
         if !inner.running.load(Ordering::SeqCst) {
@@ -512,6 +585,7 @@ impl<C: IOCallbackCustom> IOContext<C> {
             memory_per_slot: (self.inner.driver_bytes.load(Ordering::Relaxed) / self.inner.depth
                 + std::mem::size_of::<IOEvent<C>>()) as u64,
             cq_overflows: c.cq_overflows.load(Ordering::Relaxed),
+            queue_full: c.queue_full.load(Ordering::Relaxed),
         }
     }
 

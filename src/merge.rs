@@ -81,7 +81,8 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
     /// offset, same fd and action, within the size limit); otherwise the run
     /// is submitted first. A run that reaches the limit is submitted at once.
     /// An event for another fd or action, or an invalid one, is handed back
-    /// with `EINVAL`; after the context shut down, with `ESHUTDOWN`. If the
+    /// with `EINVAL`; after the context shut down, with `ESHUTDOWN`; with
+    /// `EAGAIN` while the context holds its `max_queued` requests. If the
     /// context shut down while a run was held, its events complete with
     /// `ESHUTDOWN` (see [`flush`](Self::flush)).
     pub fn add_event(&mut self, event: Box<IOEvent<C>>) -> Result<(), SubmitError<C>> {
@@ -98,6 +99,10 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
         }
         if !self.ctx.accepts_submissions() {
             return Err(SubmitError { error: io::Error::from_raw_os_error(libc::ESHUTDOWN), event });
+        }
+        if self.ctx.shared().queue_is_full() {
+            self.ctx.shared().counters.queue_full.fetch_add(1, Ordering::Relaxed);
+            return Err(SubmitError { error: io::Error::from_raw_os_error(libc::EAGAIN), event });
         }
         let len = event.len();
         let continues = !self.held.is_empty()
@@ -147,8 +152,10 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
                 IOEvent::merged(self.fd, self.action, self.start, held)
             }
         };
-        if let Err(event) = self.ctx.enqueue_gated(event, self.channel) {
-            self.refused.push(event);
+        // A run is made of requests the merger accepted: the context's
+        // queue limit was checked as each was added, and does not refuse it.
+        if let Err(refused) = self.ctx.enqueue_gated(event, self.channel, true) {
+            self.refused.push(refused.event);
         }
     }
 

@@ -232,6 +232,8 @@ pub struct IOEvent<C: IOCallbackCustom> {
     last_error: i32,
     action: IOAction,
     transient_retries: u8,
+    /// Ordered after everything accepted before it (see `set_drain`).
+    drain: bool,
     /// Whether the file is seekable (see `is_seekable`), learned when first
     /// needed.
     remainder: Remainder,
@@ -272,6 +274,7 @@ impl<C: IOCallbackCustom> IOEvent<C> {
             last_error: 0,
             action,
             transient_retries: 0,
+            drain: false,
             remainder: Remainder::Unknown,
             buf: None,
             callback: None,
@@ -312,6 +315,19 @@ impl<C: IOCallbackCustom> IOEvent<C> {
 
     pub fn set_callback(&mut self, cb: C) {
         self.callback = Some(cb);
+    }
+
+    /// Makes this a drain event: it starts only once every event accepted
+    /// before it by the context has completed, and events accepted after
+    /// it start only once it has completed (io_uring's IOSQE_IO_DRAIN, on
+    /// every backend). For example a write, then an fdatasync with drain
+    /// set: the fdatasync covers the write.
+    pub fn set_drain(&mut self, drain: bool) {
+        self.drain = drain;
+    }
+
+    pub fn is_drain(&self) -> bool {
+        self.drain
     }
 
     pub fn fd(&self) -> RawFd {

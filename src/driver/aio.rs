@@ -697,7 +697,10 @@ fn worker_submit<C: IOCallbackCustom>(
         }
         inner.stalled.store(false, Ordering::SeqCst);
         backoff.reset();
-        if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
+        // More ready while slots are free: step again. (Requests held behind
+        // a drain request are not ready; the step that frees the last slot
+        // in flight, on the poller, releases them.)
+        if (ctx.ready_count() > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
         if ctx.finish_drain() {
@@ -705,7 +708,7 @@ fn worker_submit<C: IOCallbackCustom>(
         }
         // Sleep until new work or (when work waits for one) a freed slot.
         // No timeout, no polling.
-        if ctx.total_count.load(Ordering::SeqCst) > 0 {
+        if ctx.ready_count() > 0 {
             crossbeam::select! {
                 recv(noti) -> _ => {},
                 recv(inner.free_ids) -> id => if let Ok(id) = id { inner.submit.lock().free.push(id) },

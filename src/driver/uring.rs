@@ -385,7 +385,10 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
             continue;
         }
         backoff.reset();
-        if (ctx.total_count.load(Ordering::SeqCst) > 0 && !out_of_slots) || inner.submit.step_pending() {
+        // More ready while slots are free: step again. (Requests held behind
+        // a drain request are not ready; the step that frees the last slot
+        // in flight, on the poller, releases them.)
+        if (ctx.ready_count() > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
         if ctx.finish_drain() {
@@ -393,7 +396,7 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
         }
         // Sleep until new work, a freed slot (only useful when work waits for
         // one) or a retry. No timeout, no polling.
-        if ctx.total_count.load(Ordering::SeqCst) > 0 {
+        if ctx.ready_count() > 0 {
             crossbeam::select! {
                 recv(noti) -> _ => {},
                 recv(inner.free_ids) -> id => if let Ok(id) = id { inner.submit.lock().free.push(id) },

@@ -57,6 +57,12 @@ pub struct ioe_context_options {
     /// With IOE_SETUP_CQSIZE: completion-queue entries, `depth` to 65536
     /// (without the flag: `depth` rounded up to a power of two).
     pub cq_size: u32,
+    /// Most requests the context holds queued, waiting for a free slot (a
+    /// merged run counts once); past it the submission functions return
+    /// -EAGAIN at once (also from callbacks) and ioe_stats.queue_full
+    /// counts it. 0 (the default): no limit, so a producer faster than the
+    /// device grows memory without bound.
+    pub max_queued: u32,
     /// Callback pool, or NULL to run callbacks directly on the context's
     /// poller thread (lowest latency; such callbacks must not block).
     /// Borrowed: the context takes its own reference.
@@ -95,8 +101,11 @@ pub struct ioe_stats {
     /// plus completions the kernel dropped. Zero by design: the queues are
     /// sized so that they cannot overflow; anything else is a bug.
     pub cq_overflows: u64,
+    /// Submissions refused with -EAGAIN because `max_queued` requests were
+    /// queued.
+    pub queue_full: u64,
     /// Zero; room for counters added later without changing the size.
-    pub reserved: [u64; 7],
+    pub reserved: [u64; 6],
 }
 
 /// Fills `*opts` with defaults: depth IOE_DEFAULT_DEPTH, IOE_BACKEND_AUTO,
@@ -113,6 +122,7 @@ pub extern "C" fn ioe_context_options_init(opts: *mut ioe_context_options) -> c_
             flags: 0,
             sqpoll_idle_ms: 0,
             cq_size: 0,
+            max_queued: 0,
             workers: std::ptr::null_mut(),
             reserved: [0; 4],
         };
@@ -155,6 +165,7 @@ fn options_from_c(opts: &ioe_context_options) -> Result<ContextOptions, c_int> {
         sqpoll_idle_ms: (opts.flags & IOE_SETUP_SQPOLL != 0).then_some(opts.sqpoll_idle_ms),
         iopoll: opts.flags & IOE_SETUP_IOPOLL != 0,
         cq_size: (opts.flags & IOE_SETUP_CQSIZE != 0).then_some(opts.cq_size),
+        max_queued: (opts.max_queued != 0).then_some(opts.max_queued as usize),
     })
 }
 
@@ -325,7 +336,8 @@ pub extern "C" fn ioe_context_stats(ctx: *const ioe_context, out: *mut ioe_stats
             memory_bytes: s.memory_bytes,
             memory_per_slot: s.memory_per_slot,
             cq_overflows: s.cq_overflows,
-            reserved: [0; 7],
+            queue_full: s.queue_full,
+            reserved: [0; 6],
         };
         // SAFETY: non-null; the caller promises it is writable.
         unsafe { out.write(stats) };

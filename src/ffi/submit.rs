@@ -21,6 +21,15 @@ pub const IOE_OP_FDATASYNC: u32 = 3;
 /// `buf` must be NULL.
 pub const IOE_OP_FALLOCATE: u32 = 4;
 
+/// Request flag: start this request only once every request accepted
+/// before it by the context has completed, and start requests accepted
+/// after it only once it has completed (io_uring's IOSQE_IO_DRAIN, on both
+/// backends). Accepted requests otherwise run in no particular order: a
+/// write followed by an fdatasync without this flag may be synced first.
+pub const IOE_REQ_DRAIN: u32 = 1 << 0;
+
+const KNOWN_REQUEST_FLAGS: u32 = IOE_REQ_DRAIN;
+
 /// Served first, without a budget (strict priority).
 pub const IOE_CHANNEL_PRIO: u32 = 0;
 /// Reads: share each scheduling round fairly with writes.
@@ -50,6 +59,10 @@ pub struct ioe_request {
     pub callback: ioe_callback,
     /// Passed to the callback unchanged.
     pub user_data: *mut c_void,
+    /// IOE_REQ_* bits (0 for none).
+    pub flags: u32,
+    /// Must be zero.
+    pub reserved: u32,
 }
 
 pub(crate) fn channel_from_c(channel: u32) -> Result<IOChannel, c_int> {
@@ -82,6 +95,9 @@ pub(crate) fn rw_event(
 }
 
 fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, IOChannel), c_int> {
+    if req.flags & !KNOWN_REQUEST_FLAGS != 0 || req.reserved != 0 {
+        return Err(-libc::EINVAL);
+    }
     let channel = channel_from_c(req.channel)?;
     let cb = FfiCallback::new(req.callback, req.user_data)?;
     let event = match req.op {
@@ -102,7 +118,26 @@ fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, I
         }
         _ => return Err(-libc::EINVAL),
     };
+    let mut event = event;
+    event.set_drain(req.flags & IOE_REQ_DRAIN != 0);
     Ok((event, channel))
+}
+
+/// A request with every field zero (NULL pointers, no flags).
+fn request_defaults() -> ioe_request {
+    ioe_request {
+        op: 0,
+        channel: 0,
+        fd: -1,
+        fallocate_mode: 0,
+        buf: std::ptr::null_mut(),
+        len: 0,
+        offset: 0,
+        callback: None,
+        user_data: std::ptr::null_mut(),
+        flags: 0,
+        reserved: 0,
+    }
 }
 
 /// Validates and queues one request on a live context.
@@ -117,12 +152,15 @@ fn submit_one(ctx: &ioe_context, req: &ioe_request) -> c_int {
     }
 }
 
-/// Queues one request; never waits (see Conventions). Returns 0 (the callback will run
-/// exactly once) or, with no callback ever, -EINVAL (NULL `ctx`/`req`,
-/// unknown op or channel, NULL callback, NULL or zero-length buffer for a
-/// read/write, non-NULL buffer or zero length for fallocate, range beyond
-/// INT64_MAX) or -ESHUTDOWN (the context is being destroyed).
-/// Any thread may call it at any time, also from callbacks.
+/// Queues one request; never waits (see Conventions). Accepted requests
+/// run in no particular order unless IOE_REQ_DRAIN orders them. Returns 0
+/// (the callback will run exactly once) or, with no callback ever, -EINVAL
+/// (NULL `ctx`/`req`, unknown op, channel or flag, non-zero `reserved`,
+/// NULL callback, NULL or zero-length buffer for a read/write, non-NULL
+/// buffer or zero length for fallocate, range beyond INT64_MAX, fsync,
+/// fdatasync or fallocate on an IOE_SETUP_IOPOLL context), -EAGAIN (the
+/// context holds `max_queued` requests) or -ESHUTDOWN (the context is being
+/// destroyed). Any thread may call it at any time, also from callbacks.
 #[no_mangle]
 pub extern "C" fn ioe_submit(ctx: *mut ioe_context, req: *const ioe_request) -> c_int {
     guard(|| {
@@ -161,8 +199,7 @@ pub extern "C" fn ioe_submit_batch(ctx: *mut ioe_context, reqs: *const ioe_reque
 }
 
 fn sync_request(ctx: *mut ioe_context, op: u32, fd: c_int, channel: u32, cb: ioe_callback, ud: *mut c_void) -> c_int {
-    let buf = std::ptr::null_mut();
-    let req = ioe_request { op, channel, fd, fallocate_mode: 0, buf, len: 0, offset: 0, callback: cb, user_data: ud };
+    let req = ioe_request { op, channel, fd, callback: cb, user_data: ud, ..request_defaults() };
     ioe_submit(ctx, &req)
 }
 
@@ -178,7 +215,7 @@ pub extern "C" fn ioe_read(
     callback: ioe_callback,
     user_data: *mut c_void,
 ) -> c_int {
-    let req = ioe_request { op: IOE_OP_READ, channel, fd, fallocate_mode: 0, buf, len, offset, callback, user_data };
+    let req = ioe_request { op: IOE_OP_READ, channel, fd, buf, len, offset, callback, user_data, ..request_defaults() };
     ioe_submit(ctx, &req)
 }
 
@@ -196,7 +233,8 @@ pub extern "C" fn ioe_write(
     user_data: *mut c_void,
 ) -> c_int {
     let buf = buf as *mut c_void;
-    let req = ioe_request { op: IOE_OP_WRITE, channel, fd, fallocate_mode: 0, buf, len, offset, callback, user_data };
+    let req =
+        ioe_request { op: IOE_OP_WRITE, channel, fd, buf, len, offset, callback, user_data, ..request_defaults() };
     ioe_submit(ctx, &req)
 }
 
@@ -236,8 +274,16 @@ pub extern "C" fn ioe_fallocate(
     callback: ioe_callback,
     user_data: *mut c_void,
 ) -> c_int {
-    let buf = std::ptr::null_mut();
-    let req =
-        ioe_request { op: IOE_OP_FALLOCATE, channel, fd, fallocate_mode: mode, buf, len, offset, callback, user_data };
+    let req = ioe_request {
+        op: IOE_OP_FALLOCATE,
+        channel,
+        fd,
+        fallocate_mode: mode,
+        len,
+        offset,
+        callback,
+        user_data,
+        ..request_defaults()
+    };
     ioe_submit(ctx, &req)
 }
