@@ -71,7 +71,7 @@ fn write_then_read_random(backend: Backend, workers: &IOWorkers<ClosureCb>, dire
 
 #[test]
 fn random_offset_writes_read_back_identical() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for workers in worker_modes() {
             write_then_read_random(backend, &workers, false);
         }
@@ -80,7 +80,7 @@ fn random_offset_writes_read_back_identical() {
 
 #[test]
 fn o_direct_with_aligned_buffers() {
-    for backend in BACKENDS {
+    for backend in backends() {
         write_then_read_random(backend, &IOWorkers::new(0).unwrap(), true);
     }
 }
@@ -98,7 +98,7 @@ fn dio_alignment(file: &TempFile) -> (u32, u32) {
 
 #[test]
 fn misaligned_o_direct_buffer_fails_with_einval_and_engine_keeps_serving() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let file = TempFile::new("misaligned", 0, true);
         // Allocated blocks: O_DIRECT reads of holes are served without any
         // alignment check on some file systems (ext4 zero-fills them).
@@ -148,7 +148,7 @@ fn misaligned_o_direct_buffer_fails_with_einval_and_engine_keeps_serving() {
 
 #[test]
 fn invalid_fd_fails_with_ebadf() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let ctx = context(backend, 8, &IOWorkers::new(0).unwrap());
         let col = Collector::new();
         // -1 and a number far above any descriptor this process has open
@@ -171,7 +171,7 @@ fn invalid_fd_fails_with_ebadf() {
 
 #[test]
 fn reads_past_end_of_file_return_the_bytes_that_exist() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let file = TempFile::new("eof", 0, false);
         let mut rng = Rng::new(99);
         let mut content = vec![0u8; 10_000];
@@ -194,7 +194,7 @@ fn reads_past_end_of_file_return_the_bytes_that_exist() {
 
 #[test]
 fn fsync_fdatasync_and_fallocate() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let file = TempFile::new("sync", 0, false);
         let ctx = context(backend, 8, &IOWorkers::new(0).unwrap());
         let col = Collector::new();
@@ -239,7 +239,7 @@ fn fsync_fdatasync_and_fallocate() {
 
 #[test]
 fn drop_with_hundreds_in_flight_runs_every_callback_exactly_once() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for workers in worker_modes() {
             const EVENTS: usize = 800;
             let file = TempFile::new("drain", (EVENTS * BLOCK) as u64, false);
@@ -267,7 +267,7 @@ fn drop_with_hundreds_in_flight_runs_every_callback_exactly_once() {
 
 #[test]
 fn merging_gives_each_event_its_own_bytes() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for workers in worker_modes() {
             let file = TempFile::new("merge", 0, false);
             let ctx = context(backend, 8, &workers);
@@ -346,7 +346,7 @@ fn merging_gives_each_event_its_own_bytes() {
 
 #[test]
 fn merge_submitter_rejects_foreign_events() {
-    let ctx = context(Backend::Uring, 4, &IOWorkers::new(0).unwrap());
+    let ctx = context(backends()[0], 4, &IOWorkers::new(0).unwrap());
     let file = TempFile::new("merge-reject", 8192, false);
     let mut writer = MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Write, IOChannel::Write, 8192).unwrap();
     let col = Collector::new();
@@ -370,7 +370,7 @@ fn invalid_events_and_options_are_refused_synchronously() {
     let small_cq = ContextOptions { cq_size: Some(7), ..ContextOptions::with_depth(8) };
     assert_eq!(IOContext::with_options(&small_cq, &workers).err().unwrap().raw_os_error(), Some(libc::EINVAL));
 
-    for backend in BACKENDS {
+    for backend in backends() {
         let ctx = context(backend, 4, &workers);
         let col = Collector::new();
         let zero = col.event(0, Buffer::aligned(0).unwrap(), IOAction::Read, 0, 1);
@@ -391,7 +391,7 @@ fn invalid_events_and_options_are_refused_synchronously() {
 
 #[test]
 fn stress_many_threads_more_events_than_depth_loses_nothing() {
-    for backend in BACKENDS {
+    for backend in backends() {
         const THREADS: usize = 4;
         const PER_THREAD: usize = 10_000;
         const FILE_BLOCKS: usize = 256;
@@ -452,7 +452,7 @@ fn stress_many_threads_more_events_than_depth_loses_nothing() {
 
 #[test]
 fn callbacks_may_submit_and_may_drop_the_last_handle() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for workers in worker_modes() {
             let file = Arc::new(TempFile::new("chain", 8192, false));
             let ctx = context(backend, 4, &workers);
@@ -480,7 +480,7 @@ fn callbacks_may_submit_and_may_drop_the_last_handle() {
 
 #[test]
 fn a_panicking_callback_is_contained() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let file = TempFile::new("panic", 8192, false);
         let ctx = context(backend, 4, &IOWorkers::new(0).unwrap());
         let mut ev = IOEvent::new(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, 0);
@@ -495,6 +495,9 @@ fn a_panicking_callback_is_contained() {
 
 #[test]
 fn io_uring_setup_flags() {
+    if !available(Backend::Uring) {
+        return;
+    }
     let workers = IOWorkers::<ClosureCb>::new(0).unwrap();
     // SQPOLL with a short idle time, and an explicit completion-queue size.
     for opts in [
@@ -531,7 +534,7 @@ fn io_uring_setup_flags() {
 
 #[test]
 fn shutdown_races_with_submitters_and_loses_nothing() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for workers in worker_modes() {
             let file = Arc::new(TempFile::new("shutdown", 64 * 512, false));
             let ctx = context(backend, 8, &workers);
@@ -586,7 +589,7 @@ fn shutdown_races_with_submitters_and_loses_nothing() {
 
 #[test]
 fn merge_submitter_after_shutdown_fails_held_events_with_eshutdown() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let file = TempFile::new("merge-shutdown", 8192, false);
         let ctx = context(backend, 4, &IOWorkers::new(0).unwrap());
         let col = Collector::new();
@@ -613,7 +616,7 @@ fn merge_submitter_after_shutdown_fails_held_events_with_eshutdown() {
 
 #[test]
 fn callbacks_submit_follow_ups_during_a_drain_and_they_complete() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for workers in worker_modes() {
             const CHAINS: usize = 200;
             let file = Arc::new(TempFile::new("drain-chain", (CHAINS * 512) as u64, false));
@@ -646,7 +649,7 @@ fn callbacks_submit_follow_ups_during_a_drain_and_they_complete() {
 
 #[test]
 fn engine_memory_is_reported_and_bounded_per_slot() {
-    for backend in BACKENDS {
+    for backend in backends() {
         for depth in [1usize, 32, 128, 1024] {
             let ctx = context(backend, depth, &IOWorkers::new(0).unwrap());
             let stats = ctx.stats();
@@ -673,7 +676,7 @@ fn callbacks_on_pool_threads_chain_writes_fallocate_and_fsync() {
     // Follow-ups queued by pool-thread callbacks are submitted on those
     // threads; that path must handle every kind of request, including the
     // ones AIO hands to its helper thread (fallocate).
-    for backend in BACKENDS {
+    for backend in backends() {
         const CHAINS: usize = 64;
         let workers = IOWorkers::new(2).unwrap();
         let file = Arc::new(TempFile::new("pool-chain", 0, false));

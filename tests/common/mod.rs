@@ -18,6 +18,45 @@ pub const HANG_GUARD: Duration = Duration::from_secs(120);
 /// Both drivers, each forced explicitly.
 pub const BACKENDS: [Backend; 2] = [Backend::Uring, Backend::Aio];
 
+/// The drivers that can run on this machine. One that cannot (io_uring
+/// disabled by sysctl or seccomp, AIO's fs.aio-max-nr used up) is reported
+/// as skipped, once per test binary; any other failure fails the test.
+pub fn backends() -> Vec<Backend> {
+    static AVAILABLE: std::sync::OnceLock<Vec<Backend>> = std::sync::OnceLock::new();
+    AVAILABLE
+        .get_or_init(|| {
+            let workers = IOWorkers::<ClosureCb>::new(0).unwrap();
+            BACKENDS
+                .into_iter()
+                .filter(|&backend| {
+                    let opts = ContextOptions { backend, ..ContextOptions::with_depth(1) };
+                    match IOContext::with_options(&opts, &workers) {
+                        Ok(_) => true,
+                        Err(e) if unavailable(backend, &e) => {
+                            // Straight to stderr, past the test harness's capture.
+                            use std::io::Write;
+                            let _ = writeln!(std::io::stderr(), "SKIP {backend}: not available here ({e})");
+                            false
+                        }
+                        Err(e) => panic!("{backend} context: {e}"),
+                    }
+                })
+                .collect()
+        })
+        .clone()
+}
+
+fn unavailable(backend: Backend, err: &std::io::Error) -> bool {
+    let errno = err.raw_os_error().unwrap_or(0);
+    matches!(errno, libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EOPNOTSUPP)
+        || (backend == Backend::Aio && errno == libc::EAGAIN)
+}
+
+/// Whether `backend` can run here (see `backends`).
+pub fn available(backend: Backend) -> bool {
+    backends().contains(&backend)
+}
+
 /// A file under the system temp dir, removed on drop.
 pub struct TempFile {
     pub path: PathBuf,
