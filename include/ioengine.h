@@ -25,8 +25,9 @@
  *   - Callbacks run on the threads of the context's ioe_workers pool or, if
  *     the context has none, on its poller thread, where they must not block
  *     (nor throw). From a callback you may call every function except
- *     ioe_context_destroy (it returns -EDEADLK there); requests a callback
- *     submits are accepted even while its context drains.
+ *     ioe_context_destroy of the callback's own context or of one sharing
+ *     its pool (it returns -EDEADLK there); requests a callback submits are
+ *     accepted even while its context drains.
  *   - Buffers passed to the engine stay owned by the caller and must remain
  *     valid and untouched until their request's callback runs.
  */
@@ -479,7 +480,8 @@ int ioe_merger_create(struct ioe_context *ctx,
  * continue the run submits the run first, and a run that reaches
  * `max_bytes` is submitted at once. Returns 0 (the callback will run
  * exactly once, with -ESHUTDOWN if the context is destroyed before the run
- * is submitted) or -EINVAL / -ESHUTDOWN with no callback.
+ * is submitted) or, with no callback, -EINVAL, -ESHUTDOWN, or -EAGAIN
+ * while the context holds its `max_queued` requests.
  *
  * Requests of a run refused that way are counted by the context
  * (submitted, completed, failed) and called back like any request: on the

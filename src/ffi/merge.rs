@@ -87,7 +87,8 @@ pub extern "C" fn ioe_merger_create(
 /// continue the run submits the run first, and a run that reaches
 /// `max_bytes` is submitted at once. Returns 0 (the callback will run
 /// exactly once, with -ESHUTDOWN if the context is destroyed before the run
-/// is submitted) or -EINVAL / -ESHUTDOWN with no callback.
+/// is submitted) or, with no callback, -EINVAL, -ESHUTDOWN, or -EAGAIN
+/// while the context holds its `max_queued` requests.
 ///
 /// Requests of a run refused that way are counted by the context
 /// (submitted, completed, failed) and called back like any request: on the
