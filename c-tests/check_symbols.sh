@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The shared library exports exactly the functions the header declares, all
-# with the ioe_ prefix, and carries the soname libioengine.so.<major>.
+# with the ioe_ prefix, and carries the soname libioengine.so.<major>
+# (libioengine.so.0.<minor> while the major version is 0).
 set -euo pipefail
 so=$1
 header=$2
@@ -20,8 +21,11 @@ fi
 
 soname=$(readelf -d "$so" | sed -n 's/.*Library soname: \[\(.*\)\].*/\1/p')
 major=$(grep -oE 'IOE_VERSION_MAJOR [0-9]+' "$header" | awk '{print $2}')
-if [ "$soname" != "libioengine.so.$major" ]; then
-  echo "soname is '$soname', expected libioengine.so.$major"; exit 1
+minor=$(grep -oE 'IOE_VERSION_MINOR [0-9]+' "$header" | awk '{print $2}')
+abi=$major
+[ "$major" = 0 ] && abi="0.$minor"
+if [ "$soname" != "libioengine.so.$abi" ]; then
+  echo "soname is '$soname', expected libioengine.so.$abi"; exit 1
 fi
 echo "symbols: $(wc -l <<<"$exported") ioe_* functions exported, all declared; soname $soname"
 

@@ -5,6 +5,7 @@
 set -euo pipefail
 build=$1
 consumer_src=$2
+soname=$3
 cc=${CC:-cc}
 
 work=$(mktemp -d)
@@ -16,8 +17,8 @@ libdir="$prefix/lib"
 [ -d "$libdir" ] || libdir=$(dirname "$(find "$prefix" -name 'libioengine.a' -print -quit)")
 real=$(basename "$(find "$libdir" -maxdepth 1 -name 'libioengine.so.*.*.*' -print -quit)")
 [ -n "$real" ] && [ -f "$libdir/$real" ] && [ ! -L "$libdir/$real" ] || { echo "no real shared library in $libdir"; exit 1; }
-[ "$(readlink "$libdir/libioengine.so.0")" = "$real" ] || { echo "libioengine.so.0 does not point to $real"; exit 1; }
-[ "$(readlink "$libdir/libioengine.so")" = "libioengine.so.0" ] || { echo "libioengine.so does not point to the soname"; exit 1; }
+[ "$(readlink "$libdir/$soname")" = "$real" ] || { echo "$soname does not point to $real"; exit 1; }
+[ "$(readlink "$libdir/libioengine.so")" = "$soname" ] || { echo "libioengine.so does not point to the soname"; exit 1; }
 for f in "$libdir/libioengine.a" "$prefix/include/ioengine.h" "$libdir/pkgconfig/ioengine.pc" \
          "$libdir/cmake/ioengine/ioengineConfig.cmake" "$libdir/cmake/ioengine/ioengineConfigVersion.cmake"; do
   [ -f "$f" ] || { echo "missing after install: $f"; exit 1; }
@@ -33,7 +34,7 @@ echo "pkg-config: $(pkg-config --modversion ioengine): $(pkg-config --cflags --l
 # (ldd's output is captured first: grep -q closing the pipe early would make
 # ldd die of SIGPIPE, which pipefail reports as a failure.)
 deps=$(ldd "$work/consumer_pc")
-grep -q "$libdir/libioengine.so.0" <<<"$deps" || { echo "consumer did not resolve the installed library"; echo "$deps"; exit 1; }
+grep -q "$libdir/$soname" <<<"$deps" || { echo "consumer did not resolve the installed library"; echo "$deps"; exit 1; }
 
 "$cc" -std=c11 -Wall -Wextra -Werror "$consumer_src/consumer.c" -o "$work/consumer_static" \
   $(pkg-config --cflags ioengine) "$libdir/libioengine.a" $(pkg-config --libs-only-l --static ioengine | sed 's/-lioengine//')

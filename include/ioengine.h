@@ -90,14 +90,16 @@
 #define IOE_DEFAULT_DEPTH 128
 
 /**
- * Major version; changes break the ABI (it is the soname's number).
+ * Major version; changes break the ABI (it is the soname's number; while
+ * it is 0, the minor version is part of the soname too, since any 0.x
+ * release may change the ABI).
  */
 #define IOE_VERSION_MAJOR 0
 
 /**
  * Minor version: additions.
  */
-#define IOE_VERSION_MINOR 1
+#define IOE_VERSION_MINOR 2
 
 /**
  * Patch version: fixes.
@@ -446,7 +448,7 @@ int ioe_context_stats(const struct ioe_context *ctx, struct ioe_stats *out);
 uint32_t ioe_version(void);
 
 /**
- * The library's version as a static NUL-terminated string ("0.1.0").
+ * The library's version as a static NUL-terminated string ("0.2.0").
  * Never NULL; the caller must not free it.
  */
 const char *ioe_version_string(void);
@@ -484,10 +486,13 @@ int ioe_merger_create(struct ioe_context *ctx,
  * while the context holds its `max_queued` requests.
  *
  * Requests of a run refused that way are counted by the context
- * (submitted, completed, failed) and called back like any request: on the
- * context's pool, or without a pool on the thread that flushed the run
- * (this call, ioe_merger_flush or ioe_merger_destroy), after the merger is
- * unlocked, so such a callback may call ioe_merger_add on it again.
+ * (submitted, completed, failed) and called back after the merger is
+ * unlocked, so such a callback may call ioe_merger_add on it again
+ * (getting -ESHUTDOWN). While the context still drains they are called
+ * back like any request (on its pool, or without a pool on the thread that
+ * flushed the run: this call, ioe_merger_flush or ioe_merger_destroy); once
+ * ioe_context_destroy has returned, always on the thread that flushed, so
+ * that thread must not hold a lock those callbacks take.
  */
 int ioe_merger_add(struct ioe_merger *merger,
                    void *buf,

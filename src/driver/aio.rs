@@ -646,29 +646,34 @@ fn submit_batch<C: IOCallbackCustom>(
 /// One submission step under the submit lock: take back freed slots, fill
 /// them from the queues (writing their iocbs) and submit them, after any
 /// the kernel refused for lack of resources before. Threads that must not
-/// wait leave such a backlog to the submitter thread (`may_wait`), which
-/// they wake. Returns true if a backlog remains.
+/// wait (`!may_wait`) leave such a backlog to the submitter thread, which
+/// they wake; `stalled` changes only under the lock, so the submitter's
+/// last retry always sees what they left. Returns how many events it took
+/// from the queues and whether a backlog remains.
 fn submit_step<C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &AioInner<C>,
     state: &mut SubmitState,
     helper: &Sender<HelperJob>,
     may_wait: bool,
-) -> bool {
+) -> (usize, bool) {
+    let mut taken = 0;
     if ctx.total_count.load(Ordering::SeqCst) > 0 {
         state.free.extend(inner.free_ids.try_iter());
         let quota = state.free.len();
         let mut filler = AioFiller { ctx, inner, free: &mut state.free, batch: &mut state.batch, helper };
-        poll_request_from_queues(ctx, quota, &mut filler);
+        taken = poll_request_from_queues(ctx, quota, &mut filler);
     }
     if state.batch.is_empty() || (!may_wait && inner.stalled.load(Ordering::SeqCst)) {
-        return !state.batch.is_empty();
+        return (taken, !state.batch.is_empty());
     }
     let backlog = submit_batch(inner, &mut state.batch, helper);
-    if backlog && !may_wait && !inner.stalled.swap(true, Ordering::SeqCst) {
+    if may_wait {
+        inner.stalled.store(backlog, Ordering::SeqCst);
+    } else if backlog && !inner.stalled.swap(true, Ordering::SeqCst) {
         let _ = ctx.noti_sender.try_send(());
     }
-    backlog
+    (taken, backlog)
 }
 
 fn worker_submit<C: IOCallbackCustom>(
@@ -683,24 +688,23 @@ fn worker_submit<C: IOCallbackCustom>(
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
-        let (out_of_slots, backlog) = {
+        let (out_of_slots, (taken, backlog)) = {
             let mut state = inner.submit.lock_for_step();
-            let backlog = submit_step(&ctx, &inner, &mut state, &helper, true);
-            (state.free.is_empty(), backlog)
+            let step = submit_step(&ctx, &inner, &mut state, &helper, true);
+            (state.free.is_empty(), step)
         };
         if backlog {
             // The kernel is short of resources: the iocbs wait (their slots
             // stay busy, so nothing is lost) until it takes them.
-            inner.stalled.store(true, Ordering::SeqCst);
             backoff.pause();
             continue;
         }
-        inner.stalled.store(false, Ordering::SeqCst);
         backoff.reset();
-        // More ready while slots are free: step again. (Requests held behind
-        // a drain request are not ready; the step that frees the last slot
-        // in flight, on the poller, releases them.)
-        if (ctx.ready_count() > 0 && !out_of_slots) || inner.submit.step_pending() {
+        // More ready while slots are free: step again, if the last step took
+        // any. A step that took none while work is ready was held back by a
+        // running drain request: the poller's step that frees its slot goes
+        // on, and new work wakes this thread.
+        if (taken > 0 && ctx.ready_count() > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
         if ctx.finish_drain() {

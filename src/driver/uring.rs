@@ -334,25 +334,27 @@ impl<C: IOCallbackCustom> SlotCollection<C> for UringFiller<'_, '_, C> {
 
 /// One submission step under the submit lock: resubmit short transfers,
 /// take back freed slots, fill them from the queues and write their SQEs.
-/// Returns the SQ writer with the new entries published but not submitted.
+/// Returns the SQ writer with the new entries published but not submitted,
+/// and how many events it took from the queues.
 fn submit_step<'a, C: IOCallbackCustom>(
     ctx: &IoSharedContext<C>,
     inner: &'a UringInner<C>,
     state: &mut SubmitState,
-) -> SqWriter<'a> {
+) -> (SqWriter<'a>, usize) {
     let mut sq = inner.sq_writer(state);
     inner.note_overflow(ctx, &sq);
     for id in inner.retry_ids.try_iter() {
         push_next_request(inner, &mut sq, id);
     }
+    let mut taken = 0;
     if ctx.total_count.load(Ordering::SeqCst) > 0 {
         state.free.extend(inner.free_ids.try_iter());
         let quota = state.free.len();
         let mut filler = UringFiller { ctx, inner, free: &mut state.free, sq: &mut sq };
-        poll_request_from_queues(ctx, quota, &mut filler);
+        taken = poll_request_from_queues(ctx, quota, &mut filler);
     }
     sq.publish();
-    sq
+    (sq, taken)
 }
 
 fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<UringInner<C>>, noti: Receiver<()>) {
@@ -362,9 +364,9 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
-        let (out_of_slots, refused) = {
+        let (out_of_slots, refused, taken) = {
             let mut state = inner.submit.lock_for_step();
-            let mut sq = submit_step(&ctx, &inner, &mut state);
+            let (mut sq, taken) = submit_step(&ctx, &inner, &mut state);
             let refused = match sq.submit() {
                 Ok(()) => {
                     inner.stalled.store(false, Ordering::SeqCst);
@@ -376,7 +378,7 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
                     true
                 }
             };
-            (state.free.is_empty(), refused)
+            (state.free.is_empty(), refused, taken)
         };
         if refused {
             // The kernel is short of memory: entries wait in the SQ (their
@@ -385,10 +387,11 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
             continue;
         }
         backoff.reset();
-        // More ready while slots are free: step again. (Requests held behind
-        // a drain request are not ready; the step that frees the last slot
-        // in flight, on the poller, releases them.)
-        if (ctx.ready_count() > 0 && !out_of_slots) || inner.submit.step_pending() {
+        // More ready while slots are free: step again, if the last step took
+        // any. A step that took none while work is ready was held back by a
+        // running drain request: the poller's step that frees its slot goes
+        // on, and new work wakes this thread.
+        if (taken > 0 && ctx.ready_count() > 0 && !out_of_slots) || inner.submit.step_pending() {
             continue;
         }
         if ctx.finish_drain() {
@@ -472,7 +475,7 @@ fn hand_back<C: IOCallbackCustom>(
     let mut unsubmitted = 0;
     inner.submit.step_or_leave(freed, free_sender, |state, freed| {
         state.free.append(freed);
-        let mut sq = if has_work() { submit_step(ctx, inner, state) } else { inner.sq_writer(state) };
+        let mut sq = if has_work() { submit_step(ctx, inner, state).0 } else { inner.sq_writer(state) };
         unsubmitted = if hand == Hand::SubmitNow || inner.sqpoll || inner.stalled.load(Ordering::SeqCst) {
             inner.submit_or_defer(ctx, &mut sq);
             0

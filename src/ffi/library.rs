@@ -5,10 +5,12 @@ use std::ffi::{c_char, c_int};
 
 use super::guard_or;
 
-/// Major version; changes break the ABI (it is the soname's number).
+/// Major version; changes break the ABI (it is the soname's number; while
+/// it is 0, the minor version is part of the soname too, since any 0.x
+/// release may change the ABI).
 pub const IOE_VERSION_MAJOR: u32 = 0;
 /// Minor version: additions.
-pub const IOE_VERSION_MINOR: u32 = 1;
+pub const IOE_VERSION_MINOR: u32 = 2;
 /// Patch version: fixes.
 pub const IOE_VERSION_PATCH: u32 = 0;
 
@@ -19,7 +21,7 @@ pub extern "C" fn ioe_version() -> u32 {
     guard_or(0, || (IOE_VERSION_MAJOR << 16) | (IOE_VERSION_MINOR << 8) | IOE_VERSION_PATCH)
 }
 
-/// The library's version as a static NUL-terminated string ("0.1.0").
+/// The library's version as a static NUL-terminated string ("0.2.0").
 /// Never NULL; the caller must not free it.
 #[no_mangle]
 pub extern "C" fn ioe_version_string() -> *const c_char {

@@ -91,10 +91,13 @@ pub extern "C" fn ioe_merger_create(
 /// while the context holds its `max_queued` requests.
 ///
 /// Requests of a run refused that way are counted by the context
-/// (submitted, completed, failed) and called back like any request: on the
-/// context's pool, or without a pool on the thread that flushed the run
-/// (this call, ioe_merger_flush or ioe_merger_destroy), after the merger is
-/// unlocked, so such a callback may call ioe_merger_add on it again.
+/// (submitted, completed, failed) and called back after the merger is
+/// unlocked, so such a callback may call ioe_merger_add on it again
+/// (getting -ESHUTDOWN). While the context still drains they are called
+/// back like any request (on its pool, or without a pool on the thread that
+/// flushed the run: this call, ioe_merger_flush or ioe_merger_destroy); once
+/// ioe_context_destroy has returned, always on the thread that flushed, so
+/// that thread must not hold a lock those callbacks take.
 #[no_mangle]
 pub extern "C" fn ioe_merger_add(
     merger: *mut ioe_merger,
