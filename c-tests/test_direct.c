@@ -66,13 +66,7 @@ static void run(uint32_t backend) {
 }
 
 int main(void) {
-    int ran = 0;
-    for (int b = 0; b < 2; b++) {
-        if (!backend_available(BACKENDS[b])) continue;
-        run(BACKENDS[b]);
-        ran++;
-    }
-    if (ran == 0) return SKIP_EXIT;
+    if (run_backends(run) == SKIP_EXIT) return SKIP_EXIT;
     printf("direct: ok\n");
     return 0;
 }

@@ -116,13 +116,7 @@ static void idle(uint32_t backend, struct ioe_workers *workers) {
 }
 
 static void idle_iopoll(void) {
-    struct ioe_context_options opts;
-    CHECK_EQ(ioe_context_options_init(&opts), 0);
-    opts.backend = IOE_BACKEND_URING;
-    opts.flags = IOE_SETUP_IOPOLL;
-    opts.depth = 8;
-    struct ioe_context *ctx = NULL;
-    CHECK_EQ(ioe_context_create(&opts, &ctx), 0);
+    struct ioe_context *ctx = open_iopoll_context(8);
     int fd = temp_file(BLOCK, O_DIRECT);
     one_io_then_idle(ctx, fd, "io_uring IOPOLL");
     close(fd);

@@ -56,13 +56,7 @@ static void prep_failure_strands_nothing(uint32_t backend, struct ioe_workers *w
 }
 
 static void iopoll_refuses_what_it_cannot_run(void) {
-    struct ioe_context_options opts;
-    CHECK_EQ(ioe_context_options_init(&opts), 0);
-    opts.backend = IOE_BACKEND_URING;
-    opts.flags = IOE_SETUP_IOPOLL;
-    opts.depth = 4;
-    struct ioe_context *ctx = NULL;
-    CHECK_EQ(ioe_context_create(&opts, &ctx), 0);
+    struct ioe_context *ctx = open_iopoll_context(4);
     int fd = temp_file(BLOCK, O_DIRECT);
     struct waiter w;
     waiter_init(&w);

@@ -202,6 +202,30 @@ static inline struct ioe_context *open_context(uint32_t backend, uint32_t depth,
     return ctx;
 }
 
+/* An io_uring context with IOE_SETUP_IOPOLL and inline callbacks. */
+static inline struct ioe_context *open_iopoll_context(uint32_t depth) {
+    struct ioe_context_options opts;
+    CHECK_EQ(ioe_context_options_init(&opts), 0);
+    opts.backend = IOE_BACKEND_URING;
+    opts.flags = IOE_SETUP_IOPOLL;
+    opts.depth = depth;
+    struct ioe_context *ctx = NULL;
+    CHECK_EQ(ioe_context_create(&opts, &ctx), 0);
+    return ctx;
+}
+
+/* Runs `run` on each backend available here; returns SKIP_EXIT if none is,
+ * else 0. */
+static inline int run_backends(void (*run)(uint32_t backend)) {
+    int ran = 0;
+    for (int b = 0; b < 2; b++) {
+        if (!backend_available(BACKENDS[b])) continue;
+        run(BACKENDS[b]);
+        ran++;
+    }
+    return ran == 0 ? SKIP_EXIT : 0;
+}
+
 /* Runs `run` on each backend available here, with inline callbacks and
  * with a pool of `pool_threads` callback threads. Exits with SKIP_EXIT if
  * no backend is available. */
