@@ -25,6 +25,7 @@ pub mod context;
 pub mod driver;
 pub mod embedded_list;
 pub mod merge;
+pub mod net;
 pub(crate) mod ring;
 pub mod tasks;
 

@@ -33,6 +33,8 @@ pub(crate) struct RingConfig {
     pub cq_entries: Option<u32>,
     /// IORING_SETUP_SQPOLL with this idle time in milliseconds.
     pub sqpoll_idle_ms: Option<u32>,
+    /// With SQPOLL: pin the kernel thread to this CPU (IORING_SETUP_SQ_AFF).
+    pub sqpoll_cpu: Option<u32>,
     /// IORING_SETUP_IOPOLL.
     pub iopoll: bool,
     /// Flags the ring should have where the kernel knows them, as groups in
@@ -81,6 +83,9 @@ impl RingConfig {
         if let Some(idle) = self.sqpoll_idle_ms {
             builder.setup_sqpoll(idle);
             flags |= setup::SQPOLL;
+            if let Some(cpu) = self.sqpoll_cpu {
+                builder.setup_sqpoll_cpu(cpu);
+            }
         }
         if self.iopoll {
             builder.setup_iopoll();

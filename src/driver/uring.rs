@@ -193,6 +193,7 @@ fn build_ring(opts: &ContextOptions, cooperative: bool) -> io::Result<(IoUring, 
         entries,
         cq_entries: Some(opts.cq_size.unwrap_or(entries)),
         sqpoll_idle_ms: opts.sqpoll_idle_ms,
+        sqpoll_cpu: None,
         iopoll: opts.iopoll,
         optional,
     };

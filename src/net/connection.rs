@@ -1,0 +1,385 @@
+//! TcpConnection (seed 3.6): one accepted socket, bound to one event loop
+//! for its whole life. This file holds what both backends share: the
+//! handle users keep (`Connection`, usable from any thread), the output
+//! queue that survives short sends and keeps order, the input tail kept
+//! for a parser that waits for a whole message, close requests, and the
+//! callbacks (`ServerHandler`).
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::net::event_loop::{LoopShared, Task};
+
+/// What a server calls back, always on the event loop thread that owns the
+/// connection. Callbacks must not block (they hold up every connection of
+/// their loop). From a callback every method of `Connection` may be called,
+/// on this or any other connection.
+pub trait ServerHandler: Send + Sync + 'static {
+    /// A connection was accepted and bound to a loop.
+    fn on_connect(&self, _conn: &Connection) {}
+
+    /// Bytes arrived. `data` is borrowed for the duration of the call only
+    /// (it may point into the loop's receive buffers). Returns how many
+    /// bytes were consumed; the rest is kept and presented again, in front
+    /// of the next bytes, so a parser can wait for a whole message.
+    fn on_data(&self, conn: &Connection, data: &[u8]) -> usize;
+
+    /// The peer will send no more (it closed or shut down its write side).
+    /// By default the connection closes once its queued output is sent.
+    fn on_eof(&self, conn: &Connection) {
+        conn.close();
+    }
+
+    /// Everything queued has been handed to the kernel.
+    fn on_write_complete(&self, _conn: &Connection) {}
+
+    /// Queued output reached the high-water mark (once each time it rises
+    /// past it): stop producing until `on_write_complete`.
+    fn on_high_water(&self, _conn: &Connection, _queued: usize) {}
+
+    /// The connection is closed: exactly once, and last. `error` is 0 for a
+    /// close asked for or a peer that closed cleanly, else the errno that
+    /// ended it (ECONNRESET, EPIPE, ECANCELED when the server stopped).
+    fn on_close(&self, _conn: &Connection, _error: i32) {}
+}
+
+/// Called with the outcome of a borrowed send: bytes sent, or the error
+/// that ended the connection before it was all sent.
+pub type SendDone = Box<dyn FnOnce(io::Result<usize>) + Send>;
+
+/// One piece of queued output.
+pub(crate) enum Segment {
+    /// Bytes the engine copied; sends queued back to back share one.
+    Owned(Vec<u8>),
+    /// Bytes the caller keeps valid until `done` runs.
+    Borrowed { ptr: *const u8, len: usize, done: Option<SendDone> },
+}
+
+// SAFETY: a borrowed pointer is the caller's promise of memory valid until
+// `done` runs, usable from the loop thread; the rest is owned data.
+unsafe impl Send for Segment {}
+
+impl Segment {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Segment::Owned(data) => data.len(),
+            Segment::Borrowed { len, .. } => *len,
+        }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        match self {
+            Segment::Owned(data) => data.as_ptr(),
+            Segment::Borrowed { ptr, .. } => *ptr,
+        }
+    }
+
+    /// Ends the segment: a borrowed one's callback learns the outcome.
+    pub(crate) fn finish(self, outcome: io::Result<usize>) {
+        if let Segment::Borrowed { done: Some(done), .. } = self {
+            done(outcome);
+        }
+    }
+}
+
+/// Output waiting for the loop, shared with every thread that sends.
+#[derive(Default)]
+pub(crate) struct OutQueue {
+    pub(crate) segments: VecDeque<Segment>,
+    /// Closing or closed: sends are refused.
+    pub(crate) refused: bool,
+}
+
+/// How a connection is to end, in increasing force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum CloseRequest {
+    None = 0,
+    /// Shut the write side down once queued output is sent.
+    ShutdownWrite = 1,
+    /// Close once queued output is sent.
+    Graceful = 2,
+    /// Close now, dropping queued output (the peer sees a reset).
+    Abort = 3,
+}
+
+impl CloseRequest {
+    fn from_u8(value: u8) -> CloseRequest {
+        match value {
+            1 => CloseRequest::ShutdownWrite,
+            2 => CloseRequest::Graceful,
+            3 => CloseRequest::Abort,
+            _ => CloseRequest::None,
+        }
+    }
+}
+
+/// The part of a connection every thread may touch.
+pub(crate) struct ConnShared {
+    pub(crate) owner: Arc<LoopShared>,
+    pub(crate) slot: u32,
+    pub(crate) generation: u32,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) out: Mutex<OutQueue>,
+    /// Bytes queued or being sent.
+    pub(crate) queued: AtomicUsize,
+    /// A `Task::Kick` is on its way to the loop.
+    kick_pending: AtomicBool,
+    close_request: AtomicU8,
+    /// The loop has closed it; `on_close` has run or is running.
+    closed: AtomicBool,
+    context: AtomicPtr<c_void>,
+}
+
+/// A connection handle: cheap to clone, usable from any thread, valid as
+/// long as it is held (after the connection closed, operations fail with
+/// `ENOTCONN`).
+#[derive(Clone)]
+pub struct Connection(pub(crate) Arc<ConnShared>);
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection").field("peer", &self.0.peer).field("closed", &self.is_closed()).finish()
+    }
+}
+
+fn not_connected() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOTCONN)
+}
+
+impl Connection {
+    pub(crate) fn new(owner: Arc<LoopShared>, slot: u32, generation: u32, peer: Option<SocketAddr>) -> Connection {
+        Connection(Arc::new(ConnShared {
+            owner,
+            slot,
+            generation,
+            peer,
+            out: Mutex::new(OutQueue::default()),
+            queued: AtomicUsize::new(0),
+            kick_pending: AtomicBool::new(false),
+            close_request: AtomicU8::new(CloseRequest::None as u8),
+            closed: AtomicBool::new(false),
+            context: AtomicPtr::new(std::ptr::null_mut()),
+        }))
+    }
+
+    /// Queues a copy of `data`; never blocks. Sends from any thread keep
+    /// the order in which they were queued. `ENOTCONN` once the connection
+    /// is closing or closed.
+    pub fn send(&self, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return if self.accepts_sends() { Ok(()) } else { Err(not_connected()) };
+        }
+        {
+            let mut out = self.0.out.lock();
+            if out.refused {
+                return Err(not_connected());
+            }
+            match out.segments.back_mut() {
+                Some(Segment::Owned(tail)) => tail.extend_from_slice(data),
+                _ => out.segments.push_back(Segment::Owned(data.to_vec())),
+            }
+            self.0.queued.fetch_add(data.len(), Ordering::SeqCst);
+        }
+        self.kick();
+        Ok(())
+    }
+
+    /// Queues `len` bytes at `ptr` without copying; `done` runs on the
+    /// connection's loop thread once they were sent, or with the error that
+    /// ended the connection first. On `Err` (closing or closed, `len` 0)
+    /// nothing was queued and `done` does not run.
+    ///
+    /// # Safety
+    /// The memory must stay valid and unchanged until `done` runs.
+    pub unsafe fn send_borrowed(&self, ptr: *const u8, len: usize, done: SendDone) -> io::Result<()> {
+        if ptr.is_null() || len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        {
+            let mut out = self.0.out.lock();
+            if out.refused {
+                return Err(not_connected());
+            }
+            out.segments.push_back(Segment::Borrowed { ptr, len, done: Some(done) });
+            self.0.queued.fetch_add(len, Ordering::SeqCst);
+        }
+        self.kick();
+        Ok(())
+    }
+
+    /// Closes once the queued output is sent; further sends are refused.
+    pub fn close(&self) {
+        self.request_close(CloseRequest::Graceful);
+    }
+
+    /// Shuts the write side down (the peer sees end of file) once the
+    /// queued output is sent; receiving goes on.
+    pub fn shutdown_write(&self) {
+        self.request_close(CloseRequest::ShutdownWrite);
+    }
+
+    /// Closes now: queued output is dropped (borrowed sends learn it) and
+    /// the peer sees a reset.
+    pub fn abort(&self) {
+        self.request_close(CloseRequest::Abort);
+    }
+
+    /// Bytes queued and not yet handed to the kernel.
+    pub fn queued_bytes(&self) -> usize {
+        self.0.queued.load(Ordering::SeqCst)
+    }
+
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.0.peer
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::SeqCst)
+    }
+
+    /// A pointer the application keeps with the connection.
+    pub fn set_context(&self, context: *mut c_void) {
+        self.0.context.store(context, Ordering::SeqCst);
+    }
+
+    pub fn context(&self) -> *mut c_void {
+        self.0.context.load(Ordering::SeqCst)
+    }
+
+    fn accepts_sends(&self) -> bool {
+        !self.0.out.lock().refused
+    }
+
+    fn request_close(&self, request: CloseRequest) {
+        if request >= CloseRequest::Graceful {
+            self.0.out.lock().refused = true;
+        }
+        let previous = self.0.close_request.fetch_max(request as u8, Ordering::SeqCst);
+        if previous < request as u8 {
+            self.kick();
+        }
+    }
+
+    /// Tells the owning loop this connection has work; one task at a time.
+    fn kick(&self) {
+        if !self.0.kick_pending.swap(true, Ordering::SeqCst) {
+            self.0.owner.post(Task::Kick(self.clone()));
+        }
+    }
+
+    // --- for the loop -------------------------------------------------------
+
+    /// The loop takes the kick (before looking at the connection, so a
+    /// later send kicks again).
+    pub(crate) fn take_kick(&self) {
+        self.0.kick_pending.store(false, Ordering::SeqCst);
+    }
+
+    pub(crate) fn close_request(&self) -> CloseRequest {
+        CloseRequest::from_u8(self.0.close_request.load(Ordering::SeqCst))
+    }
+
+    /// Marks the connection closed and hands back what was still queued.
+    pub(crate) fn mark_closed(&self) -> VecDeque<Segment> {
+        let mut out = self.0.out.lock();
+        out.refused = true;
+        self.0.closed.store(true, Ordering::SeqCst);
+        self.0.queued.store(0, Ordering::SeqCst);
+        std::mem::take(&mut out.segments)
+    }
+
+    pub(crate) fn same(&self, slot: u32, generation: u32) -> bool {
+        self.0.slot == slot && self.0.generation == generation
+    }
+}
+
+/// What the loop keeps for a connection; touched by the loop thread only.
+pub(crate) struct ConnState {
+    pub(crate) fd: RawFd,
+    pub(crate) handle: Connection,
+    /// Bytes the application has not consumed yet.
+    pub(crate) input: Vec<u8>,
+    /// Above `high_water` and the callback ran; re-armed below it.
+    pub(crate) above_high_water: bool,
+    /// Output went out since the queue was last empty (write-complete due).
+    pub(crate) wrote: bool,
+    /// The peer shut its side down.
+    pub(crate) eof: bool,
+    /// Our write side is shut down.
+    pub(crate) write_shut: bool,
+    /// Closing has begun: no more callbacks but `on_close`.
+    pub(crate) closing: bool,
+    /// The errno that ends the connection, reported by `on_close`.
+    pub(crate) error: i32,
+}
+
+impl ConnState {
+    pub(crate) fn new(fd: RawFd, handle: Connection) -> ConnState {
+        ConnState {
+            fd,
+            handle,
+            input: Vec::new(),
+            above_high_water: false,
+            wrote: false,
+            eof: false,
+            write_shut: false,
+            closing: false,
+            error: 0,
+        }
+    }
+
+    /// Hands received bytes to the application: straight from `data` when
+    /// nothing was left over, else after the kept tail. Keeps what it did
+    /// not consume.
+    pub(crate) fn deliver(&mut self, handler: &dyn ServerHandler, data: &[u8]) {
+        if self.closing || data.is_empty() {
+            return;
+        }
+        if self.input.is_empty() {
+            let used = handler.on_data(&self.handle, data).min(data.len());
+            if used < data.len() {
+                self.input.extend_from_slice(&data[used..]);
+            }
+        } else {
+            self.input.extend_from_slice(data);
+            let used = handler.on_data(&self.handle, &self.input).min(self.input.len());
+            self.input.drain(..used);
+            if self.input.is_empty() {
+                // An idle connection keeps no input memory.
+                self.input = Vec::new();
+            }
+        }
+    }
+
+    /// Runs the high-water and write-complete callbacks that are due.
+    pub(crate) fn output_callbacks(&mut self, handler: &dyn ServerHandler, high_water: usize, idle: bool) {
+        if self.closing {
+            return;
+        }
+        let queued = self.handle.queued_bytes();
+        if queued >= high_water && !self.above_high_water {
+            self.above_high_water = true;
+            handler.on_high_water(&self.handle, queued);
+        } else if queued < high_water {
+            self.above_high_water = false;
+        }
+        if idle && self.wrote && queued == 0 {
+            self.wrote = false;
+            handler.on_write_complete(&self.handle);
+        }
+    }
+}
+
+/// Output of all connections' queues, released when bytes were sent.
+pub(crate) fn sent(handle: &Connection, bytes: usize) {
+    handle.0.queued.fetch_sub(bytes, Ordering::SeqCst);
+}

@@ -1,0 +1,792 @@
+//! EventLoop (seed 3.2): one thread, one io_uring that only it touches,
+//! waiting for completions until stopped. Other threads hand it work
+//! through a task queue and wake it with an eventfd whose read stays armed
+//! on the ring.
+
+use std::cell::Cell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam::queue::SegQueue;
+use io_uring::squeue::Entry;
+use io_uring::IoUring;
+
+use crate::net::acceptor::{AcceptOutcome, Acceptor};
+use crate::net::buf_ring::BufRing;
+use crate::net::connection::{sent, CloseRequest, ConnState, Connection, Segment, ServerHandler};
+use crate::net::op::{accept, cancel, recv, send, OpKind, OpTag, GENERATION_MASK};
+use crate::net::NetOptions;
+use crate::ring::{probe_opcodes, setup, RingConfig};
+
+thread_local! {
+    /// The loop running on this thread (0 if none).
+    static CURRENT_LOOP: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Work handed to a loop.
+pub(crate) enum Task {
+    /// A new connection for this loop.
+    Adopt(OwnedFd),
+    /// A connection of this loop has output or a close request.
+    Kick(Connection),
+    /// Close every connection and end the loop.
+    Stop,
+}
+
+/// Counters of one loop, readable from any thread.
+#[derive(Default)]
+pub(crate) struct LoopCounters {
+    pub(crate) live: AtomicUsize,
+    pub(crate) accepted: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) cq_overflows: AtomicU64,
+    pub(crate) recv_starved: AtomicU64,
+}
+
+/// The part of a loop other threads use: its task queue and wake-up.
+pub(crate) struct LoopShared {
+    tasks: SegQueue<Task>,
+    /// eventfd: written by other threads, read by an armed read on the ring
+    /// (io_uring) or watched by epoll.
+    wake: OwnedFd,
+    /// A wake-up is on its way: later posters need not write the eventfd.
+    notified: AtomicBool,
+    /// The loop has ended: tasks posted from now on are dropped (a task may
+    /// hold a connection, which holds this: keeping it would be a cycle).
+    exited: AtomicBool,
+    pub(crate) counters: LoopCounters,
+}
+
+impl LoopShared {
+    pub(crate) fn new() -> io::Result<Arc<LoopShared>> {
+        // SAFETY: plain eventfd(2).
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Arc::new(LoopShared {
+            tasks: SegQueue::new(),
+            wake,
+            notified: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+            counters: LoopCounters::default(),
+        }))
+    }
+
+    /// Queues a task for the loop; wakes it unless called on the loop's own
+    /// thread (which drains its queue before it waits) or a wake-up is
+    /// already on its way. Never blocks.
+    pub(crate) fn post(&self, task: Task) {
+        self.tasks.push(task);
+        if self.exited.load(Ordering::SeqCst) {
+            // Either the loop's last drain saw this task or this sees `exited`.
+            self.drop_tasks();
+            return;
+        }
+        if CURRENT_LOOP.with(|c| c.get()) == self as *const LoopShared as usize {
+            return;
+        }
+        if !self.notified.swap(true, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write from our stack to our eventfd; it can only
+            // fail with EAGAIN when the counter is saturated, and then the loop
+            // is woken anyway.
+            let _ = unsafe { libc::write(self.wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+        }
+    }
+
+    pub(crate) fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+
+    /// The loop took the wake-up: posts from now on wake it again. Must
+    /// come before it drains the queue.
+    pub(crate) fn woken(&self) {
+        self.notified.store(false, Ordering::SeqCst);
+    }
+
+    pub(crate) fn next_task(&self) -> Option<Task> {
+        self.tasks.pop()
+    }
+
+    /// After the loop ended: no task will run any more.
+    pub(crate) fn close(&self) {
+        self.exited.store(true, Ordering::SeqCst);
+        self.drop_tasks();
+    }
+
+    fn drop_tasks(&self) {
+        while self.tasks.pop().is_some() {}
+    }
+
+    /// Marks the calling thread as this loop's, for its lifetime.
+    pub(crate) fn enter(self: &Arc<Self>) -> LoopMark {
+        CURRENT_LOOP.with(|c| c.set(Arc::as_ptr(self) as usize));
+        LoopMark
+    }
+}
+
+/// See `LoopShared::enter`.
+pub(crate) struct LoopMark;
+
+impl Drop for LoopMark {
+    fn drop(&mut self) {
+        CURRENT_LOOP.with(|c| c.set(0));
+    }
+}
+
+/// A connection in the io_uring loop's table.
+struct UringConn {
+    state: ConnState,
+    /// Operations in flight on the descriptor (their completions pending).
+    ops: u32,
+    recv_armed: bool,
+    /// Single-shot receive buffer (kernels without buffer rings).
+    recv_buf: Option<Box<[u8]>>,
+    /// The segment being sent and how much of it went out.
+    sending: Option<(Segment, usize)>,
+    cancel_sent: bool,
+}
+
+/// How the loop receives.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RecvMode {
+    /// Multishot receive from the provided buffer ring.
+    Multishot,
+    /// One receive at a time into the connection's own buffer.
+    Single,
+}
+
+/// The connection in `slot` if it is still the one of `generation`.
+fn conn_mut(conns: &mut [Option<UringConn>], slot: u32, generation: u32) -> Option<&mut UringConn> {
+    match conns.get_mut(slot as usize) {
+        Some(Some(c)) if c.state.handle.same(slot, generation) => Some(c),
+        _ => None,
+    }
+}
+
+/// The io_uring event loop.
+pub(crate) struct UringLoop {
+    /// Dropped first: the kernel stops using `bufs` and `wake_buf` with it.
+    ring: IoUring,
+    bufs: Option<BufRing>,
+    wake_buf: Box<u64>,
+    retry_timespec: Box<io_uring::types::Timespec>,
+    shared: Arc<LoopShared>,
+    handler: Arc<dyn ServerHandler>,
+    opts: Arc<NetOptions>,
+    recv_mode: RecvMode,
+    cancel_by_fd: bool,
+    /// The connection table; `generations[slot]` is bumped on every reuse.
+    conns: Vec<Option<UringConn>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    live: usize,
+    /// Slots whose multishot receive ended for lack of buffers.
+    starved: Vec<u32>,
+    acceptor: Option<Acceptor>,
+    /// Loop-level operations in flight (wake read, accept, retry timer, cancels).
+    loop_ops: u32,
+    stopping: bool,
+    /// The overflow count last seen in the CQ ring.
+    cq_dropped: u32,
+}
+
+/// Opcodes the loop needs.
+const REQUIRED_OPCODES: [u8; 6] = [
+    io_uring::opcode::Read::CODE,
+    io_uring::opcode::Accept::CODE,
+    io_uring::opcode::Recv::CODE,
+    io_uring::opcode::Send::CODE,
+    io_uring::opcode::AsyncCancel::CODE,
+    io_uring::opcode::Timeout::CODE,
+];
+
+/// Builds a loop's ring: SINGLE_ISSUER + DEFER_TASKRUN (6.1), else
+/// COOP_TASKRUN (5.19), else plain; SUBMIT_ALL where known. Must run on
+/// the loop's thread (the single issuer). Returns the ring and its flags.
+pub(crate) fn build_ring(opts: &NetOptions, max_conns: usize) -> io::Result<(IoUring, u32)> {
+    let entries = opts.sq_entries;
+    let cq = match opts.cq_entries {
+        Some(cq) => cq,
+        None => cq_entries_for(max_conns, opts.recv_buffers as usize, opts.backlog as usize),
+    };
+    let config = RingConfig {
+        entries,
+        cq_entries: Some(cq),
+        sqpoll_idle_ms: opts.sqpoll_idle_ms,
+        sqpoll_cpu: opts.sqpoll_cpu,
+        iopoll: false,
+        optional: vec![
+            setup::SUBMIT_ALL,
+            setup::COOP_TASKRUN,
+            if opts.sqpoll_idle_ms.is_some() { 0 } else { setup::SINGLE_ISSUER | setup::DEFER_TASKRUN },
+        ],
+    };
+    let built = config.build()?;
+    probe_opcodes(&built.ring, &REQUIRED_OPCODES)?;
+    Ok((built.ring, built.flags))
+}
+
+/// Completion entries a loop needs so that its CQ cannot overflow: per
+/// connection at most a receive's final completion, a send and a cancel;
+/// receive completions carrying data at most one per provided buffer (a
+/// buffer comes back only once its completion was reaped); the accepts a
+/// full backlog can produce; and a few loop operations.
+pub(crate) fn cq_entries_for(max_conns: usize, recv_buffers: usize, backlog: usize) -> u32 {
+    let need = 3 * max_conns + recv_buffers + backlog + 16;
+    need.next_power_of_two().clamp(64, crate::ring::MAX_CQ_ENTRIES as usize) as u32
+}
+
+impl UringLoop {
+    pub(crate) fn new(
+        ring: IoUring,
+        shared: Arc<LoopShared>,
+        handler: Arc<dyn ServerHandler>,
+        opts: Arc<NetOptions>,
+        acceptor: Option<Acceptor>,
+    ) -> UringLoop {
+        // A kernel without buffer rings (before 5.19) receives one buffer at
+        // a time per connection.
+        let bufs = BufRing::register(&ring, opts.recv_buffers, opts.recv_buffer_size).ok();
+        let recv_mode = if bufs.is_some() { RecvMode::Multishot } else { RecvMode::Single };
+        UringLoop {
+            ring,
+            bufs,
+            wake_buf: Box::new(0),
+            retry_timespec: Box::new(io_uring::types::Timespec::new().nsec(100_000_000)),
+            shared,
+            handler,
+            opts,
+            recv_mode,
+            cancel_by_fd: true,
+            conns: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            starved: Vec::new(),
+            acceptor,
+            loop_ops: 0,
+            stopping: false,
+            cq_dropped: 0,
+        }
+    }
+
+    /// Queues an SQE, submitting first if the queue is full.
+    fn push(&mut self, entry: &Entry) {
+        loop {
+            // SAFETY: every entry's pointers (buffers, timespec, eventfd
+            // target) point into memory the loop keeps until the completion.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return;
+            }
+            // Full: hand what is queued to the kernel, then retry.
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    // EBUSY/EAGAIN: reap to make room (no spin: completions
+                    // are waiting when the kernel says so).
+                    if !crate::driver::is_resource_shortage(&e) {
+                        eprintln!("ioengine: net loop submit failed: {e}");
+                    }
+                    let _ = self.ring.submit_and_wait(1);
+                    self.reap();
+                }
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let entry = io_uring::opcode::Read::new(
+            io_uring::types::Fd(self.shared.wake_fd()),
+            &mut *self.wake_buf as *mut u64 as *mut u8,
+            8,
+        )
+        .build()
+        .user_data(OpTag::loop_op(OpKind::Wake).encode());
+        self.push(&entry);
+        self.loop_ops += 1;
+    }
+
+    /// Runs the loop until it is stopped and every connection is closed.
+    pub(crate) fn run(mut self) {
+        let _mark = self.shared.enter();
+        self.arm_wake();
+        if let Some(acceptor) = self.acceptor.as_mut() {
+            let entry = acceptor.arm();
+            self.push(&entry);
+            self.loop_ops += 1;
+        }
+        loop {
+            self.drain_tasks();
+            self.feed_starved();
+            if self.stopping && self.live == 0 && self.acceptor_done() {
+                break;
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if crate::driver::is_resource_shortage(&e) => {}
+                Err(e) => {
+                    eprintln!("ioengine: internal error: net loop io_uring_enter failed: {e}; aborting");
+                    std::process::abort();
+                }
+            }
+            self.reap();
+        }
+        // Cancel the wake read and wait for every loop operation, so the
+        // kernel is done with the loop's memory before it goes.
+        let entry = cancel::prepare_loop_op(OpKind::Wake);
+        self.push(&entry);
+        self.loop_ops += 1;
+        while self.loop_ops > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => break,
+            }
+            self.reap();
+        }
+    }
+
+    fn acceptor_done(&self) -> bool {
+        self.acceptor.as_ref().map_or(true, |a| a.closed())
+    }
+
+    /// Handles every completion waiting in the CQ.
+    fn reap(&mut self) {
+        loop {
+            let entry = {
+                let mut cq = self.ring.completion();
+                let dropped = cq.overflow();
+                if dropped != self.cq_dropped {
+                    let lost = dropped.wrapping_sub(self.cq_dropped);
+                    self.shared.counters.cq_overflows.fetch_add(lost as u64, Ordering::Relaxed);
+                    self.cq_dropped = dropped;
+                }
+                cq.next()
+            };
+            let Some(cqe) = entry else { break };
+            self.complete(cqe.user_data(), cqe.result(), cqe.flags());
+        }
+    }
+
+    fn complete(&mut self, data: u64, result: i32, flags: u32) {
+        let Some(tag) = OpTag::decode(data) else { return };
+        match tag.kind {
+            OpKind::Wake => self.on_wake(result),
+            OpKind::Accept => self.on_accept(result, flags),
+            OpKind::AcceptRetry => self.on_accept_retry(),
+            OpKind::Recv => self.on_recv(tag, result, flags),
+            OpKind::Send => self.on_send(tag, result),
+            OpKind::Cancel => self.on_cancel(tag, result),
+        }
+    }
+
+    // --- tasks -------------------------------------------------------------
+
+    fn on_wake(&mut self, result: i32) {
+        self.loop_ops -= 1;
+        if result == -libc::ECANCELED {
+            return;
+        }
+        self.shared.woken();
+        self.arm_wake();
+    }
+
+    fn drain_tasks(&mut self) {
+        while let Some(task) = self.shared.next_task() {
+            match task {
+                Task::Adopt(fd) => self.adopt(fd),
+                Task::Kick(conn) => {
+                    conn.take_kick();
+                    let (slot, generation) = (conn.0.slot, conn.0.generation);
+                    if self.conn(slot, generation).is_some() {
+                        self.pump(slot);
+                    }
+                }
+                Task::Stop => self.stop(),
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        if let Some(acceptor) = self.acceptor.as_mut() {
+            if let Some(entry) = acceptor.stop() {
+                self.push(&entry);
+                self.loop_ops += 1;
+            }
+        }
+        for slot in 0..self.conns.len() as u32 {
+            if self.conns[slot as usize].is_some() {
+                self.begin_close(slot, libc::ECANCELED, true);
+            }
+        }
+    }
+
+    // --- accepting ---------------------------------------------------------
+
+    fn on_accept(&mut self, result: i32, flags: u32) {
+        let more = flags & recv::CQE_F_MORE != 0;
+        if !more {
+            self.loop_ops -= 1;
+        }
+        let Some(acceptor) = self.acceptor.as_mut() else {
+            if result >= 0 {
+                // SAFETY: a descriptor the kernel just gave us; nothing else owns it.
+                drop(unsafe { OwnedFd::from_raw_fd(result) });
+            }
+            return;
+        };
+        let outcome = acceptor.on_complete(result, more, self.stopping);
+        match outcome {
+            AcceptOutcome::Connection(fd, rearm) => {
+                self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                if let Some(fd) = acceptor.dispatch(fd, &self.shared) {
+                    self.adopt(fd);
+                }
+                if let Some(entry) = rearm {
+                    self.push(&entry);
+                    self.loop_ops += 1;
+                }
+            }
+            AcceptOutcome::Rearm(entry) => {
+                self.push(&entry);
+                self.loop_ops += 1;
+            }
+            AcceptOutcome::Pause => {
+                let entry = accept::prepare_retry(&*self.retry_timespec);
+                self.push(&entry);
+                self.loop_ops += 1;
+            }
+            AcceptOutcome::Nothing => {}
+        }
+    }
+
+    fn on_accept_retry(&mut self) {
+        self.loop_ops -= 1;
+        if let Some(entry) = self.acceptor.as_mut().and_then(|a| a.resume(self.stopping)) {
+            self.push(&entry);
+            self.loop_ops += 1;
+        }
+    }
+
+    // --- connections -------------------------------------------------------
+
+    fn conn(&mut self, slot: u32, generation: u32) -> Option<&mut UringConn> {
+        conn_mut(&mut self.conns, slot, generation)
+    }
+
+    /// Takes a new connection into the loop's table and starts receiving.
+    fn adopt(&mut self, fd: OwnedFd) {
+        if self.stopping || self.live >= self.opts.max_connections_per_loop {
+            self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            return; // dropping the descriptor closes the connection
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.conns.push(None);
+                self.generations.push(0);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        // Generation 0 is the loop's own operations; skip it on wrap.
+        let generation = match (self.generations[slot as usize] + 1) & GENERATION_MASK {
+            0 => 1,
+            g => g,
+        };
+        self.generations[slot as usize] = generation;
+        let raw = fd.as_raw_fd();
+        std::mem::forget(fd); // the table owns it now; closed in finish_close
+        if self.opts.nodelay {
+            let _ = crate::net::socket::set_int_option(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+        }
+        let peer = crate::net::socket::peer_addr(raw);
+        let handle = Connection::new(self.shared.clone(), slot, generation, peer);
+        self.conns[slot as usize] = Some(UringConn {
+            state: ConnState::new(raw, handle.clone()),
+            ops: 0,
+            recv_armed: false,
+            recv_buf: None,
+            sending: None,
+            cancel_sent: false,
+        });
+        self.live += 1;
+        self.shared.counters.live.fetch_add(1, Ordering::Relaxed);
+        self.handler.on_connect(&handle);
+        self.arm_recv(slot);
+        self.pump(slot);
+    }
+
+    fn arm_recv(&mut self, slot: u32) {
+        let mode = self.recv_mode;
+        let buf_size = self.opts.recv_buffer_size;
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        if c.recv_armed || c.state.closing || c.state.eof {
+            return;
+        }
+        let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
+        let entry = match mode {
+            RecvMode::Multishot => recv::prepare_multishot(fd, slot, generation),
+            RecvMode::Single => {
+                let buf = c.recv_buf.get_or_insert_with(|| vec![0u8; buf_size as usize].into_boxed_slice());
+                recv::prepare_single(fd, buf.as_mut_ptr(), buf.len() as u32, slot, generation)
+            }
+        };
+        c.recv_armed = true;
+        c.ops += 1;
+        self.push(&entry);
+    }
+
+    fn on_recv(&mut self, tag: OpTag, result: i32, flags: u32) {
+        let more = flags & recv::CQE_F_MORE != 0;
+        let buffer = recv::buffer_id(flags);
+        let handler = self.handler.clone();
+        let mode = self.recv_mode;
+        let Some(c) = conn_mut(&mut self.conns, tag.slot, tag.generation) else {
+            // A completion for a connection that is gone: only its buffer matters.
+            if let (Some(bid), Some(bufs)) = (buffer, self.bufs.as_mut()) {
+                bufs.recycle(bid);
+            }
+            return;
+        };
+        if !more {
+            c.recv_armed = false;
+            c.ops -= 1;
+        }
+        let mut ended = None;
+        if result > 0 {
+            let len = result as usize;
+            match (mode, buffer) {
+                (RecvMode::Multishot, Some(bid)) => {
+                    if let Some(bufs) = self.bufs.as_ref() {
+                        c.state.deliver(&*handler, bufs.data(bid, len));
+                    }
+                }
+                _ => {
+                    if let Some(buf) = c.recv_buf.take() {
+                        c.state.deliver(&*handler, &buf[..len.min(buf.len())]);
+                        c.recv_buf = Some(buf);
+                    }
+                }
+            }
+        } else if result == 0 {
+            c.state.eof = true;
+            if !c.state.closing {
+                handler.on_eof(&c.state.handle);
+            }
+        } else if result == -libc::ENOBUFS {
+            // The ring ran dry: resume once buffers are back (end of batch).
+            self.shared.counters.recv_starved.fetch_add(1, Ordering::Relaxed);
+            self.starved.push(tag.slot);
+        } else if result == -libc::EINVAL && mode == RecvMode::Multishot {
+            // A kernel without multishot receive (before 6.0).
+            self.recv_mode = RecvMode::Single;
+            self.starved.push(tag.slot);
+        } else if result != -libc::ECANCELED {
+            ended = Some(-result);
+        }
+        if let (Some(bid), Some(bufs)) = (buffer, self.bufs.as_mut()) {
+            bufs.recycle(bid);
+        }
+        match ended {
+            Some(errno) => self.begin_close(tag.slot, errno, true),
+            None => {
+                if !more && result > 0 {
+                    self.arm_recv(tag.slot);
+                }
+                self.pump(tag.slot);
+            }
+        }
+    }
+
+    /// Re-arms receives that stopped for lack of buffers: by now the batch
+    /// that used them has given them back.
+    fn feed_starved(&mut self) {
+        while let Some(slot) = self.starved.pop() {
+            self.arm_recv(slot);
+        }
+    }
+
+    /// Moves a connection along: close requests, the next send, callbacks.
+    fn pump(&mut self, slot: u32) {
+        let handler = self.handler.clone();
+        let high_water = self.opts.high_water;
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        if c.state.closing {
+            self.maybe_finish_close(slot);
+            return;
+        }
+        let request = c.state.handle.close_request();
+        if request == CloseRequest::Abort {
+            self.begin_close(slot, 0, true);
+            return;
+        }
+        // Start the next send if none is in flight.
+        if c.sending.is_none() {
+            let next = c.state.handle.0.out.lock().segments.pop_front();
+            if let Some(segment) = next {
+                c.sending = Some((segment, 0));
+                self.push_send(slot);
+            }
+        }
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let idle = c.sending.is_none();
+        c.state.output_callbacks(&*handler, high_water, idle);
+        if idle && c.state.handle.queued_bytes() == 0 {
+            match c.state.handle.close_request() {
+                CloseRequest::Graceful => self.begin_close(slot, 0, false),
+                CloseRequest::ShutdownWrite if !c.state.write_shut => {
+                    c.state.write_shut = true;
+                    // SAFETY: shutdown(2) on the connection's open descriptor.
+                    unsafe { libc::shutdown(c.state.fd, libc::SHUT_WR) };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn push_send(&mut self, slot: u32) {
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some((segment, done)) = c.sending.as_ref() else { return };
+        let left = segment.len() - done;
+        // SAFETY: done < len: the pointer stays inside the segment, which the
+        // connection keeps until this send completes.
+        let ptr = unsafe { segment.as_ptr().add(*done) };
+        let entry =
+            send::prepare(c.state.fd, ptr, left.min(u32::MAX as usize) as u32, slot, c.state.handle.0.generation);
+        c.ops += 1;
+        self.push(&entry);
+    }
+
+    fn on_send(&mut self, tag: OpTag, result: i32) {
+        let Some(c) = self.conn(tag.slot, tag.generation) else { return };
+        c.ops -= 1;
+        if result < 0 {
+            let errno = -result;
+            if c.state.closing || errno == libc::ECANCELED {
+                self.maybe_finish_close(tag.slot);
+            } else {
+                self.begin_close(tag.slot, errno, true);
+            }
+            return;
+        }
+        let bytes = result as usize;
+        sent(&c.state.handle, bytes);
+        c.state.wrote = true;
+        let finished = match c.sending.as_mut() {
+            Some((segment, done)) => {
+                *done += bytes;
+                *done >= segment.len()
+            }
+            None => false,
+        };
+        if finished {
+            if let Some((segment, done)) = c.sending.take() {
+                segment.finish(Ok(done));
+            }
+        } else if c.sending.is_some() && !c.state.closing {
+            // A short send: the rest goes next, before anything queued later.
+            self.push_send(tag.slot);
+            return;
+        }
+        self.pump(tag.slot);
+    }
+
+    // --- closing -----------------------------------------------------------
+
+    /// Starts closing: no more callbacks but `on_close`; operations in flight
+    /// are cancelled and the descriptor closes once they have completed.
+    /// `abortive`: queued output is dropped and the peer sees a reset.
+    fn begin_close(&mut self, slot: u32, error: i32, abortive: bool) {
+        let cancel_by_fd = self.cancel_by_fd;
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        if !c.state.closing {
+            c.state.closing = true;
+            c.state.error = error;
+            if abortive && error != libc::ECONNRESET && error != libc::EPIPE {
+                crate::net::socket::set_reset_on_close(c.state.fd);
+            }
+        }
+        if c.ops > 0 && !c.cancel_sent {
+            c.cancel_sent = true;
+            let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
+            if cancel_by_fd {
+                c.ops += 1;
+                let entry = cancel::prepare_by_fd(fd, slot, generation);
+                self.push(&entry);
+            } else {
+                self.cancel_each(slot);
+            }
+        }
+        self.maybe_finish_close(slot);
+    }
+
+    /// Cancels the receive and the send one by one (kernels before 5.19).
+    fn cancel_each(&mut self, slot: u32) {
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let generation = c.state.handle.0.generation;
+        let mut targets = Vec::with_capacity(2);
+        if c.recv_armed {
+            targets.push(OpTag::conn_op(OpKind::Recv, slot, generation));
+        }
+        if c.sending.is_some() {
+            targets.push(OpTag::conn_op(OpKind::Send, slot, generation));
+        }
+        c.ops += targets.len() as u32;
+        for target in targets {
+            let entry = cancel::prepare_by_tag(target, slot, generation);
+            self.push(&entry);
+        }
+    }
+
+    fn on_cancel(&mut self, tag: OpTag, result: i32) {
+        if tag.generation == 0 {
+            self.loop_ops -= 1;
+            return;
+        }
+        let Some(c) = self.conn(tag.slot, tag.generation) else { return };
+        c.ops -= 1;
+        if result == -libc::EINVAL && self.cancel_by_fd {
+            // A kernel without IORING_ASYNC_CANCEL_FD: cancel each operation.
+            self.cancel_by_fd = false;
+            self.cancel_each(tag.slot);
+        }
+        self.maybe_finish_close(tag.slot);
+    }
+
+    /// Closes the descriptor once nothing is in flight on it, then tells the
+    /// application and frees the slot.
+    fn maybe_finish_close(&mut self, slot: u32) {
+        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        if !c.state.closing || c.ops > 0 {
+            return;
+        }
+        let Some(c) = self.conns[slot as usize].take() else { return };
+        // SAFETY: the descriptor is ours (adopted from the acceptor) and no
+        // operation is in flight on it any more.
+        unsafe { libc::close(c.state.fd) };
+        let error = c.state.error;
+        let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
+        if let Some((segment, done)) = c.sending {
+            segment.finish(if done > 0 { Ok(done) } else { outcome() });
+        }
+        for segment in c.state.handle.mark_closed() {
+            segment.finish(outcome());
+        }
+        self.handler.on_close(&c.state.handle, error);
+        self.free.push(slot);
+        self.live -= 1;
+        self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
