@@ -57,11 +57,14 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+const BACKENDS: [NetBackend; 2] = [NetBackend::Uring, NetBackend::Epoll];
+
 #[test]
 fn many_clients_get_every_byte_back() {
-    for threads in [0, 2] {
+    for (backend, threads) in BACKENDS.into_iter().flat_map(|b| [(b, 0), (b, 2)]) {
         let echo = Arc::new(Echo::default());
-        let Some(server) = server(NetBackend::Uring, threads, echo.clone()) else { return };
+        let Some(server) = server(backend, threads, echo.clone()) else { continue };
+        assert_eq!(server.backend(), backend);
         let addr = server.local_addr();
         std::thread::scope(|s| {
             for client in 0..16u64 {

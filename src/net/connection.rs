@@ -296,10 +296,6 @@ impl Connection {
         self.0.queued.store(0, Ordering::SeqCst);
         std::mem::take(&mut out.segments)
     }
-
-    pub(crate) fn same(&self, slot: u32, generation: u32) -> bool {
-        self.0.slot == slot && self.0.generation == generation
-    }
 }
 
 /// What the loop keeps for a connection; touched by the loop thread only.
@@ -382,4 +378,92 @@ impl ConnState {
 /// Output of all connections' queues, released when bytes were sent.
 pub(crate) fn sent(handle: &Connection, bytes: usize) {
     handle.0.queued.fetch_sub(bytes, Ordering::SeqCst);
+}
+
+/// A loop's connections: slots reused through a free list, each reuse with
+/// a new generation (never 0, which loop-level operations use), so that a
+/// late completion or event for a slot's earlier connection is recognised.
+pub(crate) struct ConnTable<T> {
+    slots: Vec<Option<T>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl<T> ConnTable<T> {
+    pub(crate) fn new() -> Self {
+        ConnTable { slots: Vec::new(), generations: Vec::new(), free: Vec::new(), live: 0 }
+    }
+
+    /// A free slot and the generation of the connection that will take it.
+    pub(crate) fn reserve(&mut self) -> (u32, u32) {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                self.generations.push(0);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let generation = match (self.generations[slot as usize] + 1) & crate::net::op::GENERATION_MASK {
+            0 => 1,
+            g => g,
+        };
+        self.generations[slot as usize] = generation;
+        (slot, generation)
+    }
+
+    /// Fills a slot from `reserve`.
+    pub(crate) fn fill(&mut self, slot: u32, value: T) {
+        self.slots[slot as usize] = Some(value);
+        self.live += 1;
+    }
+
+    /// The connection in `slot` if it is still the one of `generation`.
+    pub(crate) fn get(&mut self, slot: u32, generation: u32) -> Option<&mut T> {
+        if self.generations.get(slot as usize) != Some(&generation) {
+            return None;
+        }
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    pub(crate) fn slot(&mut self, slot: u32) -> Option<&mut T> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// Empties a slot for reuse.
+    pub(crate) fn remove(&mut self, slot: u32) -> Option<T> {
+        let value = self.slots.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        self.live -= 1;
+        Some(value)
+    }
+
+    pub(crate) fn live(&self) -> usize {
+        self.live
+    }
+
+    pub(crate) fn capacity(&self) -> u32 {
+        self.slots.len() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_slot_gets_a_new_generation() {
+        let mut table = ConnTable::new();
+        let (slot, first) = table.reserve();
+        table.fill(slot, "a");
+        assert_eq!(table.get(slot, first), Some(&mut "a"));
+        assert_eq!(table.remove(slot), Some("a"));
+        let (again, second) = table.reserve();
+        table.fill(again, "b");
+        assert_eq!(again, slot);
+        assert_ne!(first, second);
+        assert_eq!(table.get(slot, first), None, "a stale generation reached the new connection");
+        assert_eq!(table.live(), 1);
+    }
 }

@@ -15,8 +15,8 @@ use io_uring::IoUring;
 
 use crate::net::acceptor::{AcceptOutcome, Acceptor};
 use crate::net::buf_ring::BufRing;
-use crate::net::connection::{sent, CloseRequest, ConnState, Connection, Segment, ServerHandler};
-use crate::net::op::{accept, cancel, recv, send, OpKind, OpTag, GENERATION_MASK};
+use crate::net::connection::{sent, CloseRequest, ConnState, ConnTable, Connection, Segment, ServerHandler};
+use crate::net::op::{accept, cancel, recv, send, OpKind, OpTag};
 use crate::net::NetOptions;
 use crate::ring::{probe_opcodes, setup, RingConfig};
 
@@ -161,14 +161,6 @@ enum RecvMode {
     Single,
 }
 
-/// The connection in `slot` if it is still the one of `generation`.
-fn conn_mut(conns: &mut [Option<UringConn>], slot: u32, generation: u32) -> Option<&mut UringConn> {
-    match conns.get_mut(slot as usize) {
-        Some(Some(c)) if c.state.handle.same(slot, generation) => Some(c),
-        _ => None,
-    }
-}
-
 /// The io_uring event loop.
 pub(crate) struct UringLoop {
     /// Dropped first: the kernel stops using `bufs` and `wake_buf` with it.
@@ -181,11 +173,7 @@ pub(crate) struct UringLoop {
     opts: Arc<NetOptions>,
     recv_mode: RecvMode,
     cancel_by_fd: bool,
-    /// The connection table; `generations[slot]` is bumped on every reuse.
-    conns: Vec<Option<UringConn>>,
-    generations: Vec<u32>,
-    free: Vec<u32>,
-    live: usize,
+    conns: ConnTable<UringConn>,
     /// Slots whose multishot receive ended for lack of buffers.
     starved: Vec<u32>,
     acceptor: Option<Acceptor>,
@@ -264,10 +252,7 @@ impl UringLoop {
             opts,
             recv_mode,
             cancel_by_fd: true,
-            conns: Vec::new(),
-            generations: Vec::new(),
-            free: Vec::new(),
-            live: 0,
+            conns: ConnTable::new(),
             starved: Vec::new(),
             acceptor,
             loop_ops: 0,
@@ -325,7 +310,7 @@ impl UringLoop {
         loop {
             self.drain_tasks();
             self.feed_starved();
-            if self.stopping && self.live == 0 && self.acceptor_done() {
+            if self.stopping && self.conns.live() == 0 && self.acceptor_done() {
                 break;
             }
             match self.ring.submit_and_wait(1) {
@@ -426,8 +411,8 @@ impl UringLoop {
                 self.loop_ops += 1;
             }
         }
-        for slot in 0..self.conns.len() as u32 {
-            if self.conns[slot as usize].is_some() {
+        for slot in 0..self.conns.capacity() {
+            if self.conns.slot(slot).is_some() {
                 self.begin_close(slot, libc::ECANCELED, true);
             }
         }
@@ -483,29 +468,16 @@ impl UringLoop {
     // --- connections -------------------------------------------------------
 
     fn conn(&mut self, slot: u32, generation: u32) -> Option<&mut UringConn> {
-        conn_mut(&mut self.conns, slot, generation)
+        self.conns.get(slot, generation)
     }
 
     /// Takes a new connection into the loop's table and starts receiving.
     fn adopt(&mut self, fd: OwnedFd) {
-        if self.stopping || self.live >= self.opts.max_connections_per_loop {
+        if self.stopping || self.conns.live() >= self.opts.max_connections_per_loop {
             self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
             return; // dropping the descriptor closes the connection
         }
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.conns.push(None);
-                self.generations.push(0);
-                (self.conns.len() - 1) as u32
-            }
-        };
-        // Generation 0 is the loop's own operations; skip it on wrap.
-        let generation = match (self.generations[slot as usize] + 1) & GENERATION_MASK {
-            0 => 1,
-            g => g,
-        };
-        self.generations[slot as usize] = generation;
+        let (slot, generation) = self.conns.reserve();
         let raw = fd.as_raw_fd();
         std::mem::forget(fd); // the table owns it now; closed in finish_close
         if self.opts.nodelay {
@@ -513,15 +485,17 @@ impl UringLoop {
         }
         let peer = crate::net::socket::peer_addr(raw);
         let handle = Connection::new(self.shared.clone(), slot, generation, peer);
-        self.conns[slot as usize] = Some(UringConn {
-            state: ConnState::new(raw, handle.clone()),
-            ops: 0,
-            recv_armed: false,
-            recv_buf: None,
-            sending: None,
-            cancel_sent: false,
-        });
-        self.live += 1;
+        self.conns.fill(
+            slot,
+            UringConn {
+                state: ConnState::new(raw, handle.clone()),
+                ops: 0,
+                recv_armed: false,
+                recv_buf: None,
+                sending: None,
+                cancel_sent: false,
+            },
+        );
         self.shared.counters.live.fetch_add(1, Ordering::Relaxed);
         self.handler.on_connect(&handle);
         self.arm_recv(slot);
@@ -531,7 +505,7 @@ impl UringLoop {
     fn arm_recv(&mut self, slot: u32) {
         let mode = self.recv_mode;
         let buf_size = self.opts.recv_buffer_size;
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns.slot(slot) else { return };
         if c.recv_armed || c.state.closing || c.state.eof {
             return;
         }
@@ -553,7 +527,7 @@ impl UringLoop {
         let buffer = recv::buffer_id(flags);
         let handler = self.handler.clone();
         let mode = self.recv_mode;
-        let Some(c) = conn_mut(&mut self.conns, tag.slot, tag.generation) else {
+        let Some(c) = self.conns.get(tag.slot, tag.generation) else {
             // A completion for a connection that is gone: only its buffer matters.
             if let (Some(bid), Some(bufs)) = (buffer, self.bufs.as_mut()) {
                 bufs.recycle(bid);
@@ -622,7 +596,7 @@ impl UringLoop {
     fn pump(&mut self, slot: u32) {
         let handler = self.handler.clone();
         let high_water = self.opts.high_water;
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns.slot(slot) else { return };
         if c.state.closing {
             self.maybe_finish_close(slot);
             return;
@@ -640,7 +614,7 @@ impl UringLoop {
                 self.push_send(slot);
             }
         }
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns.slot(slot) else { return };
         let idle = c.sending.is_none();
         c.state.output_callbacks(&*handler, high_water, idle);
         if idle && c.state.handle.queued_bytes() == 0 {
@@ -657,7 +631,7 @@ impl UringLoop {
     }
 
     fn push_send(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns.slot(slot) else { return };
         let Some((segment, done)) = c.sending.as_ref() else { return };
         let left = segment.len() - done;
         // SAFETY: done < len: the pointer stays inside the segment, which the
@@ -710,7 +684,7 @@ impl UringLoop {
     /// `abortive`: queued output is dropped and the peer sees a reset.
     fn begin_close(&mut self, slot: u32, error: i32, abortive: bool) {
         let cancel_by_fd = self.cancel_by_fd;
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns.slot(slot) else { return };
         if !c.state.closing {
             c.state.closing = true;
             c.state.error = error;
@@ -734,7 +708,7 @@ impl UringLoop {
 
     /// Cancels the receive and the send one by one (kernels before 5.19).
     fn cancel_each(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns.slot(slot) else { return };
         let generation = c.state.handle.0.generation;
         let mut targets = Vec::with_capacity(2);
         if c.recv_armed {
@@ -768,11 +742,11 @@ impl UringLoop {
     /// Closes the descriptor once nothing is in flight on it, then tells the
     /// application and frees the slot.
     fn maybe_finish_close(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns.slot(slot) else { return };
         if !c.state.closing || c.ops > 0 {
             return;
         }
-        let Some(c) = self.conns[slot as usize].take() else { return };
+        let Some(c) = self.conns.remove(slot) else { return };
         // SAFETY: the descriptor is ours (adopted from the acceptor) and no
         // operation is in flight on it any more.
         unsafe { libc::close(c.state.fd) };
@@ -785,8 +759,6 @@ impl UringLoop {
             segment.finish(outcome());
         }
         self.handler.on_close(&c.state.handle, error);
-        self.free.push(slot);
-        self.live -= 1;
         self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -7,6 +7,7 @@
 pub(crate) mod acceptor;
 pub(crate) mod buf_ring;
 pub mod connection;
+pub(crate) mod epoll;
 pub(crate) mod event_loop;
 pub(crate) mod loop_pool;
 pub(crate) mod op;

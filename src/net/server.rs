@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use crate::driver::spawn_engine_thread;
 use crate::net::acceptor::Acceptor;
 use crate::net::connection::ServerHandler;
+use crate::net::epoll::EpollLoop;
 use crate::net::event_loop::{build_ring, LoopShared, Task, UringLoop};
 use crate::net::loop_pool::LoopPool;
 use crate::net::{socket, NetBackend, NetOptions, ServerOptions, NET_BACKEND_ENV};
@@ -99,9 +100,6 @@ impl TcpServer {
         opts.validate()?;
         let net = Arc::new(NetOptions::from_server(opts));
         let (backend, fallback_errno) = choose_backend(opts.backend, &net)?;
-        if backend == NetBackend::Epoll {
-            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-        }
         let listener = socket::listen(&opts.addr, opts.backlog)?;
         let local_addr = socket::local_addr(listener.as_raw_fd())?;
         Ok(TcpServer {
@@ -136,17 +134,28 @@ impl TcpServer {
         let pool = Arc::new(LoopPool::new(serving));
         let (ready_tx, ready) = channel::unbounded::<io::Result<u32>>();
         let mut running = Running { loops: loops.clone(), threads: Vec::new() };
-        let mut acceptor = Some(Acceptor::new(listener, pool));
+        let mut accepting = Some((listener, pool));
         let mut outcome = Ok(());
         for (index, shared) in loops.iter().enumerate() {
             let name = if index == 0 { "ioe-net-main".to_string() } else { format!("ioe-net-{}", index - 1) };
             let (shared, handler, opts, ready_tx) =
                 (shared.clone(), self.handler.clone(), self.opts.clone(), ready_tx.clone());
-            let acceptor = if index == 0 { acceptor.take() } else { None };
-            let spawned = spawn_engine_thread(&name, move || {
+            let accepting = if index == 0 { accepting.take() } else { None };
+            let backend = self.backend;
+            let spawned = spawn_engine_thread(&name, move || match backend {
+                NetBackend::Epoll => match EpollLoop::new(shared, handler, opts, accepting) {
+                    Ok(event_loop) => {
+                        let _ = ready_tx.send(Ok(0));
+                        event_loop.run();
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                },
                 // The ring is built here: its single issuer is this thread.
-                match build_ring(&opts, opts.max_connections_per_loop) {
+                _ => match build_ring(&opts, opts.max_connections_per_loop) {
                     Ok((ring, flags)) => {
+                        let acceptor = accepting.map(|(listener, pool)| Acceptor::new(listener, pool));
                         let event_loop = UringLoop::new(ring, shared, handler, opts, acceptor);
                         let _ = ready_tx.send(Ok(flags));
                         event_loop.run();
@@ -154,7 +163,7 @@ impl TcpServer {
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                     }
-                }
+                },
             });
             match spawned {
                 Ok(handle) => running.threads.push(handle),
