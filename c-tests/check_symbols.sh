@@ -12,7 +12,8 @@ if [ -n "$foreign" ]; then
   echo "symbols without the ioe_ prefix are exported:"; echo "$foreign"; exit 1
 fi
 
-declared=$(grep -oE '^[a-z][a-z0-9_ *]* \**(ioe_[a-z0-9_]+)\(' "$header" | grep -oE 'ioe_[a-z0-9_]+' | sort -u)
+# A declaration's name is the ioe_ identifier right before its "(".
+declared=$(grep -E '^[a-z][a-z0-9_ *]* \**ioe_[a-z0-9_]+\(' "$header" | grep -oE 'ioe_[a-z0-9_]+\(' | tr -d '(' | sort -u)
 if [ "$declared" != "$exported" ]; then
   echo "header declarations and exported symbols differ:"
   diff <(echo "$declared") <(echo "$exported") || true

@@ -107,6 +107,50 @@
 #define IOE_VERSION_PATCH 0
 
 /**
+ * Choose io_uring when the kernel allows it, epoll otherwise.
+ */
+#define IOE_NET_BACKEND_AUTO 0
+
+/**
+ * io_uring only; server creation fails if it cannot start.
+ */
+#define IOE_NET_BACKEND_URING 1
+
+/**
+ * epoll.
+ */
+#define IOE_NET_BACKEND_EPOLL 2
+
+/**
+ * io_uring: a kernel thread polls each loop's submission queue
+ * (IORING_SETUP_SQPOLL), sleeping after `sqpoll_idle_ms` idle; pinned to
+ * `sqpoll_cpu` with IOE_SERVER_SQPOLL_CPU.
+ */
+#define IOE_SERVER_SQPOLL (1 << 0)
+
+/**
+ * With IOE_SERVER_SQPOLL: pin the polling thread to `sqpoll_cpu`.
+ */
+#define IOE_SERVER_SQPOLL_CPU (1 << 1)
+
+/**
+ * io_uring: use `cq_size` completion-queue entries per loop.
+ */
+#define IOE_SERVER_CQSIZE (1 << 2)
+
+/**
+ * Busy-polling completions (IORING_SETUP_IOPOLL) is for O_DIRECT storage
+ * and cannot serve sockets: ioe_server_create refuses it with -EINVAL.
+ */
+#define IOE_SERVER_IOPOLL (1 << 3)
+
+/**
+ * Leave Nagle's algorithm on (by default accepted connections get
+ * TCP_NODELAY).
+ */
+#define IOE_SERVER_NAGLE (1 << 4)
+
+/**
  * Read `len` bytes at `offset` into `buf`.
  */
 #define IOE_OP_READ 0
@@ -162,6 +206,14 @@
 #define IOE_MAX_WORKER_THREADS 1024
 
 /**
+ * A connection (opaque). Pointers given to callbacks are borrowed for the
+ * call; ioe_conn_ref makes one that stays valid, for use from any thread,
+ * until ioe_conn_unref, also after the connection closed (operations then
+ * fail with -ENOTCONN).
+ */
+typedef struct ioe_conn ioe_conn;
+
+/**
  * A context: queues, a driver and its threads (opaque).
  */
 typedef struct ioe_context ioe_context;
@@ -171,6 +223,11 @@ typedef struct ioe_context ioe_context;
  * internally, but it is meant for one submitting thread.
  */
 typedef struct ioe_merger ioe_merger;
+
+/**
+ * A TCP server (opaque).
+ */
+typedef struct ioe_server ioe_server;
 
 /**
  * A pool of callback threads shared by any number of contexts (opaque).
@@ -287,6 +344,160 @@ typedef struct ioe_stats {
  * without workers, on the context's poller thread. It must not throw.
  */
 typedef void (*ioe_callback)(void *user_data, int64_t result);
+
+/**
+ * How to create a server. Fill it with `ioe_server_options_init` first,
+ * then change the fields you need.
+ */
+typedef struct ioe_server_options {
+    /**
+     * Numeric IPv4 or IPv6 address to listen on ("0.0.0.0", "::1");
+     * NULL: "0.0.0.0". Borrowed for the call. An IPv6 address listens on
+     * IPv6 only.
+     */
+    const char *address;
+    /**
+     * Port; 0 lets the kernel choose (ioe_server_port tells which).
+     */
+    uint16_t port;
+    /**
+     * IOE_NET_BACKEND_*. IOENGINE_NET_BACKEND=auto|uring|epoll in the
+     * environment overrides it.
+     */
+    uint32_t backend;
+    /**
+     * Event loops serving connections besides the accepting one; 0: the
+     * accepting loop serves them too (one thread in all). Default: the
+     * number of CPUs.
+     */
+    uint32_t threads;
+    /**
+     * Most connections open at once (default 16384); more are accepted and
+     * closed at once.
+     */
+    uint32_t max_connections;
+    /**
+     * listen(2) backlog (default 1024).
+     */
+    uint32_t backlog;
+    /**
+     * Queued output at which on_high_water runs (default 64 MiB).
+     */
+    uint64_t high_water;
+    /**
+     * IOE_SERVER_* bits.
+     */
+    uint32_t flags;
+    /**
+     * With IOE_SERVER_SQPOLL: idle milliseconds before the kernel thread sleeps.
+     */
+    uint32_t sqpoll_idle_ms;
+    /**
+     * With IOE_SERVER_SQPOLL_CPU: the CPU of the polling thread.
+     */
+    uint32_t sqpoll_cpu;
+    /**
+     * With IOE_SERVER_CQSIZE: completion-queue entries per loop, at least
+     * the submission queue's (1024), at most 65536. By default each loop's
+     * CQ is sized so that it cannot overflow: 3 entries per connection it
+     * may hold, one per receive buffer, the backlog, a few more.
+     */
+    uint32_t cq_size;
+    /**
+     * io_uring: receive buffers per loop, a power of two (default 256),
+     * lent to connections one per receive completion (an idle connection
+     * holds none), and their size (default 16 KiB).
+     */
+    uint32_t recv_buffers;
+    uint32_t recv_buffer_size;
+    /**
+     * Must be zero.
+     */
+    uint64_t reserved[4];
+} ioe_server_options;
+
+/**
+ * What a server calls back. Every callback runs on the event loop thread
+ * that owns the connection and must not block; `conn` is valid during the
+ * call (keep it with ioe_conn_ref). From a callback every ioe_conn_*
+ * function may be called, on any connection; ioe_server_stop and
+ * ioe_server_destroy may not (-EDEADLK).
+ */
+typedef struct ioe_server_callbacks {
+    /**
+     * A connection was accepted. May be NULL.
+     */
+    void (*on_connect)(struct ioe_conn *conn, void *user_data);
+    /**
+     * Bytes arrived: `data` is valid only during the call (it may point
+     * into the loop's receive buffers). Returns how many bytes it consumed
+     * (at most `len`); the rest is kept and passed again, in front of the
+     * next bytes, so a parser can wait for a whole message. Required.
+     */
+    size_t (*on_data)(struct ioe_conn *conn, const void *data, size_t len, void *user_data);
+    /**
+     * The peer sends no more (it closed or shut down its write side).
+     * NULL: the connection closes once its queued output is sent.
+     */
+    void (*on_eof)(struct ioe_conn *conn, void *user_data);
+    /**
+     * All queued output was handed to the kernel. May be NULL.
+     */
+    void (*on_write_complete)(struct ioe_conn *conn, void *user_data);
+    /**
+     * Queued output rose past the high-water mark (once per rise). May be NULL.
+     */
+    void (*on_high_water)(struct ioe_conn *conn, size_t queued, void *user_data);
+    /**
+     * The connection closed: exactly once per connection, and last. `error`
+     * is 0 for a requested close or a clean end by the peer, else the
+     * positive errno that ended it (ECONNRESET, EPIPE; ECANCELED when the
+     * server stopped). May be NULL.
+     */
+    void (*on_close)(struct ioe_conn *conn, int error, void *user_data);
+    /**
+     * Passed to every callback; used from the loop threads.
+     */
+    void *user_data;
+} ioe_server_callbacks;
+
+/**
+ * Counters of a server, summed over its loops.
+ */
+typedef struct ioe_net_stats {
+    /**
+     * Connections open now.
+     */
+    uint64_t connections;
+    /**
+     * Connections accepted since start.
+     */
+    uint64_t accepted;
+    /**
+     * Connections closed at once because max_connections were open.
+     */
+    uint64_t rejected;
+    /**
+     * io_uring: completions a loop's CQ could not keep (0 by design).
+     */
+    uint64_t cq_overflows;
+    /**
+     * io_uring: receives that paused because their loop's receive buffers
+     * were all in use (they resume as buffers return).
+     */
+    uint64_t recv_starved;
+    /**
+     * Zero; room for more counters.
+     */
+    uint64_t reserved[7];
+} ioe_net_stats;
+
+/**
+ * Called once a borrowed send is over: `result` is the number of bytes
+ * sent or a negative errno (the connection ended first). Runs on the
+ * connection's loop thread.
+ */
+typedef void (*ioe_send_done)(void *user_data, int64_t result);
 
 /**
  * One request. `buf` is borrowed: it must stay valid, and untouched by the
@@ -517,6 +728,161 @@ int ioe_merger_held(struct ioe_merger *merger);
  * (they may run after this returns).
  */
 int ioe_merger_destroy(struct ioe_merger *merger);
+
+/**
+ * Fills `*opts` with defaults: 0.0.0.0, port 0, auto backend, one loop per
+ * CPU, TCP_NODELAY. Returns 0 or -EINVAL (NULL).
+ */
+int ioe_server_options_init(struct ioe_server_options *opts);
+
+/**
+ * Creates a server: binds and listens (so its port is known and
+ * connections queue up) and chooses the backend; nothing is accepted
+ * before ioe_server_start. `callbacks` is copied. Stores the handle in
+ * `*out` (NULL on failure).
+ *
+ * Returns 0; -EINVAL (NULL argument, NULL on_data, an address that is not
+ * numeric IPv4/IPv6, unknown backend or flag, IOE_SERVER_IOPOLL, bad
+ * sizes, non-zero reserved fields, malformed IOENGINE_NET_BACKEND);
+ * -EADDRINUSE, -EACCES and other bind/listen errors; -ENOSYS, -EPERM,
+ * -EACCES or -EOPNOTSUPP when io_uring was requested and cannot run.
+ */
+int ioe_server_create(const struct ioe_server_options *opts,
+                      const struct ioe_server_callbacks *callbacks,
+                      struct ioe_server **out);
+
+/**
+ * Starts the event loops and accepting. Returns 0; -EINVAL (NULL, already
+ * started or stopped); -EAGAIN (a thread could not be created); the error
+ * of a loop's set-up.
+ */
+int ioe_server_start(struct ioe_server *server);
+
+/**
+ * Stops: accepting ends, every connection is closed (on_close runs with
+ * ECANCELED; queued output is dropped), the loops end and their threads
+ * are joined, every descriptor is closed. Idempotent. Returns 0, -EINVAL
+ * (NULL) or -EDEADLK (called from one of the server's callbacks; nothing
+ * happens).
+ */
+int ioe_server_stop(struct ioe_server *server);
+
+/**
+ * Stops (as ioe_server_stop) and frees the server. Returns 0, -EINVAL
+ * (NULL) or -EDEADLK (from one of its callbacks; nothing happens). The
+ * handle must not be used afterwards.
+ */
+int ioe_server_destroy(struct ioe_server *server);
+
+/**
+ * The port the server listens on; -EINVAL for NULL.
+ */
+int ioe_server_port(const struct ioe_server *server);
+
+/**
+ * The backend running the server: IOE_NET_BACKEND_URING or
+ * IOE_NET_BACKEND_EPOLL; -EINVAL for NULL.
+ */
+int ioe_server_backend(const struct ioe_server *server);
+
+/**
+ * Why an IOE_NET_BACKEND_AUTO server runs on epoll: the negative errno
+ * io_uring failed with (-ENOSYS, -EPERM, -EACCES, -EOPNOTSUPP, -ENOMEM, as
+ * ioe_context_fallback_reason). 0 when it runs what was asked for;
+ * -EINVAL for NULL.
+ */
+int ioe_server_fallback_reason(const struct ioe_server *server);
+
+/**
+ * The io_uring set-up flags in force on the server's rings
+ * (IORING_SETUP_* bits, e.g. SINGLE_ISSUER and DEFER_TASKRUN on 6.1+,
+ * COOP_TASKRUN on 5.19); 0 on epoll or before start; -EINVAL for NULL.
+ */
+int64_t ioe_server_setup_flags(const struct ioe_server *server);
+
+/**
+ * Copies the counters into `*out`. Returns 0 or -EINVAL (NULL argument).
+ */
+int ioe_server_stats(const struct ioe_server *server, struct ioe_net_stats *out);
+
+/**
+ * A reference to the connection that stays valid, for use from any thread,
+ * until ioe_conn_unref (also after the connection closed). Returns `conn`,
+ * or NULL for NULL.
+ */
+struct ioe_conn *ioe_conn_ref(struct ioe_conn *conn);
+
+/**
+ * Drops a reference from ioe_conn_ref. Returns 0 or -EINVAL (NULL).
+ */
+int ioe_conn_unref(struct ioe_conn *conn);
+
+/**
+ * Queues a copy of `len` bytes for sending; never blocks; any thread.
+ * Sends keep the order in which they were queued. Returns 0; -ENOTCONN
+ * (the connection is closing or closed: nothing queued); -EINVAL (NULL
+ * conn, or NULL data with len > 0).
+ */
+int ioe_conn_send(struct ioe_conn *conn, const void *data, size_t len);
+
+/**
+ * Queues `len` bytes at `data` without copying (for large buffers): they
+ * must stay valid and unchanged until `done` runs, exactly once, on the
+ * connection's loop thread. Any thread. Returns 0; -ENOTCONN (closing or
+ * closed: nothing queued, `done` does not run); -EINVAL (NULL conn, data
+ * or done, len 0).
+ */
+int ioe_conn_send_borrowed(struct ioe_conn *conn,
+                           const void *data,
+                           size_t len,
+                           ioe_send_done done,
+                           void *user_data);
+
+/**
+ * Bytes queued and not yet handed to the kernel; -EINVAL for NULL.
+ */
+int64_t ioe_conn_queued(const struct ioe_conn *conn);
+
+/**
+ * Closes once the queued output is sent; further sends get -ENOTCONN.
+ * Any thread. Returns 0 or -EINVAL (NULL); closing twice is harmless.
+ */
+int ioe_conn_close(struct ioe_conn *conn);
+
+/**
+ * Shuts the write side down once the queued output is sent (the peer
+ * sees end of file; receiving goes on). Any thread. Returns 0 or -EINVAL.
+ */
+int ioe_conn_shutdown_write(struct ioe_conn *conn);
+
+/**
+ * Closes now: queued output is dropped (borrowed sends get -ECANCELED)
+ * and the peer sees a reset. Any thread. Returns 0 or -EINVAL.
+ */
+int ioe_conn_abort(struct ioe_conn *conn);
+
+/**
+ * Whether the connection has closed: 1 or 0; -EINVAL for NULL.
+ */
+int ioe_conn_is_closed(const struct ioe_conn *conn);
+
+/**
+ * Keeps an application pointer with the connection. Returns 0 or -EINVAL.
+ */
+int ioe_conn_set_context(struct ioe_conn *conn, void *context);
+
+/**
+ * The pointer set with ioe_conn_set_context (NULL if none, or for NULL).
+ */
+void *ioe_conn_context(const struct ioe_conn *conn);
+
+/**
+ * Writes the peer's address, a struct sockaddr_in or sockaddr_in6, into
+ * `addr` (room for `*len` bytes; a struct sockaddr_storage always fits)
+ * and its size into `*len`. Returns 0; -ENOTCONN (unknown); -ENOSPC
+ * (`*len` too small); -EINVAL (NULL argument).
+ */
+int ioe_conn_peer(const struct ioe_conn *conn, void *addr, uint32_t *len);
 
 /**
  * Queues one request; never waits (see Conventions). Accepted requests

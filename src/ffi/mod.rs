@@ -14,6 +14,7 @@ pub mod buffer;
 pub mod context;
 pub mod library;
 pub mod merge;
+pub mod net;
 pub mod submit;
 pub mod workers;
 

@@ -341,13 +341,13 @@ impl ConnState {
             return;
         }
         if self.input.is_empty() {
-            let used = handler.on_data(&self.handle, data).min(data.len());
+            let used = guarded(data.len(), || handler.on_data(&self.handle, data)).min(data.len());
             if used < data.len() {
                 self.input.extend_from_slice(&data[used..]);
             }
         } else {
             self.input.extend_from_slice(data);
-            let used = handler.on_data(&self.handle, &self.input).min(self.input.len());
+            let used = guarded(self.input.len(), || handler.on_data(&self.handle, &self.input)).min(self.input.len());
             self.input.drain(..used);
             if self.input.is_empty() {
                 // An idle connection keeps no input memory.
@@ -364,15 +364,25 @@ impl ConnState {
         let queued = self.handle.queued_bytes();
         if queued >= high_water && !self.above_high_water {
             self.above_high_water = true;
-            handler.on_high_water(&self.handle, queued);
+            guarded((), || handler.on_high_water(&self.handle, queued));
         } else if queued < high_water {
             self.above_high_water = false;
         }
         if idle && self.wrote && queued == 0 {
             self.wrote = false;
-            handler.on_write_complete(&self.handle);
+            guarded((), || handler.on_write_complete(&self.handle));
         }
     }
+}
+
+/// Runs an application callback. A panic (a bug in a Rust handler) is
+/// reported and contained, so the loop and its other connections go on;
+/// `fallback` stands for the callback's result.
+pub(crate) fn guarded<R>(fallback: R, callback: impl FnOnce() -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(callback)).unwrap_or_else(|_| {
+        eprintln!("ioengine: a server callback panicked; the panic was contained");
+        fallback
+    })
 }
 
 /// Output of all connections' queues, released when bytes were sent.

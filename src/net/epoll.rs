@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::net::connection::{sent, CloseRequest, ConnState, ConnTable, Connection, Segment, ServerHandler};
+use crate::net::connection::{guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Segment, ServerHandler};
 use crate::net::event_loop::{LoopShared, Task};
 use crate::net::loop_pool::LoopPool;
 use crate::net::op::{accept, OpKind, OpTag};
@@ -265,7 +265,7 @@ impl EpollLoop {
         self.conns
             .fill(slot, EpollConn { state: ConnState::new(raw, handle.clone()), sending: None, want_write: false });
         self.shared.counters.live.fetch_add(1, Ordering::Relaxed);
-        self.handler.on_connect(&handle);
+        guarded((), || self.handler.on_connect(&handle));
         self.pump(slot);
     }
 
@@ -298,7 +298,7 @@ impl EpollLoop {
             let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
             let _ = self.control(libc::EPOLL_CTL_MOD, fd, events, OpTag::conn_op(OpKind::Recv, slot, generation));
             let Some(c) = self.conns.slot(slot) else { return };
-            handler.on_eof(&c.state.handle);
+            guarded((), || handler.on_eof(&c.state.handle));
         } else {
             let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
             if errno != libc::EAGAIN && errno != libc::EINTR {
@@ -414,7 +414,7 @@ impl EpollLoop {
         for segment in c.state.handle.mark_closed() {
             segment.finish(outcome());
         }
-        self.handler.on_close(&c.state.handle, error);
+        guarded((), || self.handler.on_close(&c.state.handle, error));
         self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);
     }
 }

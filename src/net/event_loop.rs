@@ -15,7 +15,7 @@ use io_uring::IoUring;
 
 use crate::net::acceptor::{AcceptOutcome, Acceptor};
 use crate::net::buf_ring::BufRing;
-use crate::net::connection::{sent, CloseRequest, ConnState, ConnTable, Connection, Segment, ServerHandler};
+use crate::net::connection::{guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Segment, ServerHandler};
 use crate::net::op::{accept, cancel, recv, send, OpKind, OpTag};
 use crate::net::NetOptions;
 use crate::ring::{probe_opcodes, setup, RingConfig};
@@ -497,7 +497,7 @@ impl UringLoop {
             },
         );
         self.shared.counters.live.fetch_add(1, Ordering::Relaxed);
-        self.handler.on_connect(&handle);
+        guarded((), || self.handler.on_connect(&handle));
         self.arm_recv(slot);
         self.pump(slot);
     }
@@ -557,7 +557,7 @@ impl UringLoop {
         } else if result == 0 {
             c.state.eof = true;
             if !c.state.closing {
-                handler.on_eof(&c.state.handle);
+                guarded((), || handler.on_eof(&c.state.handle));
             }
         } else if result == -libc::ENOBUFS {
             // The ring ran dry: resume once buffers are back (end of batch).
@@ -758,7 +758,7 @@ impl UringLoop {
         for segment in c.state.handle.mark_closed() {
             segment.finish(outcome());
         }
-        self.handler.on_close(&c.state.handle, error);
+        guarded((), || self.handler.on_close(&c.state.handle, error));
         self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
