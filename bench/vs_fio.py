@@ -140,11 +140,15 @@ def ratios(a, b):
 
 
 def paired_iops_ratio(ioe_runs, fio_runs):
-    """Median of the per-pair IOPS ratios (each ioe run against the fio run
+    return paired_ratio(ioe_runs, fio_runs, "iops")
+
+
+def paired_ratio(a_runs, b_runs, key):
+    """Median of the per-pair ratios of `key` (each run against the peer run
     next to it in time, so drift between pairs cancels) with a 95% bootstrap
     interval (fixed seed: the same runs always give the same interval). An
-    interval that holds 1.0 means the two tools are not told apart here."""
-    ratios = [a["iops"] / b["iops"] for a, b in zip(ioe_runs, fio_runs) if a.get("iops") and b.get("iops")]
+    interval that holds 1.0 means the two are not told apart here."""
+    ratios = [a[key] / b[key] for a, b in zip(a_runs, b_runs) if a.get(key) and b.get(key)]
     if not ratios:
         return None
     rng = random.Random(4)
@@ -319,6 +323,24 @@ def svg_plot(points, path):
         f.write("\n".join(out) + "\n")
 
 
+def write_section(path, name, text):
+    """Puts `text` into BENCHMARKS.md as the section `name` (between marker
+    comments), replacing that section and keeping the others: vs_fio.py
+    writes the block engine's, vs_echo.py the server's."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    old = open(path).read() if os.path.exists(path) else ""
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    elif begin not in old and name == "block" and old and "<!-- begin" not in old:
+        new = block  # the first run of the sections: the old file was this section
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block
+    with open(path, "w") as f:
+        f.write(new)
+
+
 def write_markdown(results, path):
     m = results["machine"]
     lines = ["# Benchmarks: ioe-bench against fio", "",
@@ -411,8 +433,7 @@ def write_markdown(results, path):
         lines += [f"- {c['workload']['label']}:", f"  - `{c['merged_command']}`", f"  - `{c['unmerged_command']}`"]
         lines += [f"  - `{c[k]}`" for k in ("fio_128k_command", "fio_4k_command") if k in c]
     lines += ["", "Raw runs and medians: `bench/results/latest.json`.", ""]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_section(path, "block", "\n".join(lines))
 
 
 def main():
