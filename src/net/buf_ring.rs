@@ -53,6 +53,9 @@ pub(crate) struct BufRing {
     buf_size: u32,
     /// Our copy of the ring's tail: the next entry to hand to the kernel.
     tail: u16,
+    /// Per buffer: sends still using it (see `Segment::Received`).
+    pins: Vec<u16>,
+    pinned: u32,
 }
 
 /// The buffer group id the loop's receives select from.
@@ -69,7 +72,8 @@ impl BufRing {
         let entries_len = (count as usize * std::mem::size_of::<BufRingEntry>()).div_ceil(page) * page;
         let entries = Mapping::new(entries_len)?;
         let buffers = Mapping::new(count as usize * buf_size as usize)?;
-        let mut ring_bufs = BufRing { entries, buffers, count, buf_size, tail: 0 };
+        let mut ring_bufs =
+            BufRing { entries, buffers, count, buf_size, tail: 0, pins: vec![0; count as usize], pinned: 0 };
         for bid in 0..count {
             ring_bufs.put(bid);
         }
@@ -93,10 +97,38 @@ impl BufRing {
         unsafe { std::slice::from_raw_parts(self.buffers.addr.add(bid * self.buf_size as usize), len) }
     }
 
-    /// Gives buffer `bid` back to the kernel.
+    /// Gives buffer `bid` back to the kernel, unless sends still use it.
     pub(crate) fn recycle(&mut self, bid: u16) {
-        self.put(bid % self.count);
-        self.publish();
+        if self.pins[(bid % self.count) as usize] == 0 {
+            self.put(bid % self.count);
+            self.publish();
+        }
+    }
+
+    /// How many more buffers sends may keep: at most half the ring, so
+    /// that receiving always has buffers (kept ones return as sends end).
+    pub(crate) fn pin_budget(&self) -> u32 {
+        (self.count as u32 / 2).saturating_sub(self.pinned)
+    }
+
+    /// `n` sends now use buffer `bid` (call before `recycle`).
+    pub(crate) fn pin(&mut self, bid: u16, n: u32) {
+        let pins = &mut self.pins[(bid % self.count) as usize];
+        if *pins == 0 {
+            self.pinned += 1;
+        }
+        *pins += n as u16;
+    }
+
+    /// A send that used buffer `bid` is over; the last one gives it back.
+    pub(crate) fn unpin(&mut self, bid: u16) {
+        let bid = bid % self.count;
+        let pins = &mut self.pins[bid as usize];
+        *pins = pins.saturating_sub(1);
+        if *pins == 0 {
+            self.pinned -= 1;
+            self.recycle(bid);
+        }
     }
 
     fn put(&mut self, bid: u16) {

@@ -61,6 +61,9 @@ pub(crate) enum Segment {
     Owned(Vec<u8>),
     /// Bytes the caller keeps valid until `done` runs.
     Borrowed { ptr: *const u8, len: usize, done: Option<SendDone> },
+    /// Bytes still in the loop's receive buffer `bid`, sent from there: the
+    /// loop keeps that buffer out of the ring until the segment is over.
+    Received { ptr: *const u8, len: usize, bid: u16 },
 }
 
 // SAFETY: a borrowed pointer is the caller's promise of memory valid until
@@ -71,21 +74,29 @@ impl Segment {
     pub(crate) fn len(&self) -> usize {
         match self {
             Segment::Owned(data) => data.len(),
-            Segment::Borrowed { len, .. } => *len,
+            Segment::Borrowed { len, .. } | Segment::Received { len, .. } => *len,
         }
     }
 
     pub(crate) fn as_ptr(&self) -> *const u8 {
         match self {
             Segment::Owned(data) => data.as_ptr(),
-            Segment::Borrowed { ptr, .. } => *ptr,
+            Segment::Borrowed { ptr, .. } | Segment::Received { ptr, .. } => *ptr,
         }
     }
 
     /// Ends the segment: a borrowed one's callback learns the outcome.
-    pub(crate) fn finish(self, outcome: io::Result<usize>) {
-        if let Segment::Borrowed { done: Some(done), .. } = self {
-            done(outcome);
+    /// Returns the receive buffer a `Received` segment held, for the loop
+    /// to give back to the kernel.
+    #[must_use]
+    pub(crate) fn finish(self, outcome: io::Result<usize>) -> Option<u16> {
+        match self {
+            Segment::Borrowed { done: Some(done), .. } => {
+                done(outcome);
+                None
+            }
+            Segment::Received { bid, .. } => Some(bid),
+            _ => None,
         }
     }
 }
@@ -178,14 +189,21 @@ impl Connection {
         if data.is_empty() {
             return if self.accepts_sends() { Ok(()) } else { Err(not_connected()) };
         }
+        // Bytes the application sends straight from the receive buffer it
+        // was handed (an echo, a proxy) go out from there, uncopied.
+        let received = receive_buffer_holding(self, data);
         {
             let mut out = self.0.out.lock();
             if out.refused {
+                if let Some(pin) = received {
+                    pin.release();
+                }
                 return Err(not_connected());
             }
-            match out.segments.back_mut() {
-                Some(Segment::Owned(tail)) => tail.extend_from_slice(data),
-                _ => out.segments.push_back(Segment::Owned(data.to_vec())),
+            match (received, out.segments.back_mut()) {
+                (Some(pin), _) => out.segments.push_back(pin.segment(data)),
+                (None, Some(Segment::Owned(tail))) => tail.extend_from_slice(data),
+                (None, _) => out.segments.push_back(Segment::Owned(data.to_vec())),
             }
             self.0.queued.fetch_add(data.len(), Ordering::SeqCst);
         }
@@ -295,6 +313,139 @@ impl Connection {
         self.0.closed.store(true, Ordering::SeqCst);
         self.0.queued.store(0, Ordering::SeqCst);
         std::mem::take(&mut out.segments)
+    }
+}
+
+/// The receive buffer the io_uring loop on this thread is handing to
+/// `on_data` right now, so that sends of those very bytes can keep the
+/// buffer instead of copying it (see `Connection::send`).
+pub(crate) struct ReceiveWindow {
+    /// The loop's task queue: only its own connections may pin its buffers.
+    pub(crate) owner: *const LoopShared,
+    pub(crate) start: *const u8,
+    pub(crate) len: usize,
+    pub(crate) bid: u16,
+    /// Sends that kept the buffer during this delivery.
+    pub(crate) pins: u32,
+    /// How many more buffers may be kept (the loop's budget, so that kept
+    /// buffers never leave receiving short).
+    pub(crate) budget: u32,
+}
+
+thread_local! {
+    static RECEIVE_WINDOW: std::cell::Cell<Option<ReceiveWindow>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `deliver` with `window` open for `Connection::send`; returns the
+/// window as it ends (its `pins`).
+pub(crate) fn with_receive_window(window: ReceiveWindow, deliver: impl FnOnce()) -> ReceiveWindow {
+    RECEIVE_WINDOW.with(|w| w.set(Some(window)));
+    deliver();
+    match RECEIVE_WINDOW.with(|w| w.take()) {
+        Some(window) => window,
+        None => unreachable!("the receive window is closed only here"),
+    }
+}
+
+/// A pin taken on the open receive window's buffer.
+struct Pin {
+    bid: u16,
+}
+
+impl Pin {
+    fn segment(self, data: &[u8]) -> Segment {
+        Segment::Received { ptr: data.as_ptr(), len: data.len(), bid: self.bid }
+    }
+
+    fn release(self) {
+        RECEIVE_WINDOW.with(|w| {
+            if let Some(mut window) = w.take() {
+                window.pins -= 1;
+                window.budget += 1;
+                w.set(Some(window));
+            }
+        });
+    }
+}
+
+/// A pin on the receive buffer holding `data`, if the loop on this thread
+/// is delivering it to one of its own connections (`conn`) and has budget.
+fn receive_buffer_holding(conn: &Connection, data: &[u8]) -> Option<Pin> {
+    RECEIVE_WINDOW.with(|w| {
+        let mut window = w.take()?;
+        let inside = data.as_ptr() >= window.start
+            && data.as_ptr() as usize + data.len() <= window.start as usize + window.len
+            && std::ptr::eq(window.owner, Arc::as_ptr(&conn.0.owner))
+            && window.budget > 0;
+        let pin = inside.then(|| {
+            window.pins += 1;
+            window.budget -= 1;
+            Pin { bid: window.bid }
+        });
+        w.set(Some(window));
+        pin
+    })
+}
+
+/// Output taken from the shared queue for sending: the loop's own, in order.
+/// The first `offset` bytes of the front segment have gone out already.
+#[derive(Default)]
+pub(crate) struct Sending {
+    pub(crate) segments: VecDeque<Segment>,
+    pub(crate) offset: usize,
+}
+
+impl Sending {
+    /// Tops up from the shared queue, to at most `max` segments.
+    pub(crate) fn refill(&mut self, handle: &Connection, max: usize) {
+        if self.segments.len() >= max {
+            return;
+        }
+        let mut out = handle.0.out.lock();
+        while self.segments.len() < max {
+            match out.segments.pop_front() {
+                Some(segment) => self.segments.push_back(segment),
+                None => break,
+            }
+        }
+    }
+
+    /// Fills `iov` with what is left to send; returns how many it filled.
+    pub(crate) fn iovecs(&self, iov: &mut [libc::iovec]) -> usize {
+        let mut n = 0;
+        for (i, segment) in self.segments.iter().take(iov.len()).enumerate() {
+            let skip = if i == 0 { self.offset } else { 0 };
+            // SAFETY: skip < len for the front segment (a finished one is popped):
+            // the pointer stays inside the segment.
+            iov[i] = libc::iovec {
+                iov_base: unsafe { segment.as_ptr().add(skip) } as *mut libc::c_void,
+                iov_len: segment.len() - skip,
+            };
+            n += 1;
+        }
+        n
+    }
+
+    /// Accounts for `bytes` sent: finished segments leave, in order, and
+    /// are handed to `finished`.
+    pub(crate) fn consume(&mut self, mut bytes: usize, mut finished: impl FnMut(Segment)) {
+        while bytes > 0 {
+            let Some(front) = self.segments.front() else { break };
+            let left = front.len() - self.offset;
+            if bytes < left {
+                self.offset += bytes;
+                return;
+            }
+            bytes -= left;
+            self.offset = 0;
+            if let Some(segment) = self.segments.pop_front() {
+                finished(segment);
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.segments.is_empty()
     }
 }
 

@@ -13,9 +13,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::net::connection::{guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Segment, ServerHandler};
+use crate::net::connection::{guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Sending, ServerHandler};
 use crate::net::event_loop::{LoopShared, Task};
 use crate::net::loop_pool::LoopPool;
+use crate::net::op::send::MAX_SEGMENTS;
 use crate::net::op::{accept, OpKind, OpTag};
 use crate::net::{socket, NetOptions};
 
@@ -30,8 +31,8 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 struct EpollConn {
     state: ConnState,
-    /// The segment being sent and how much of it went out.
-    sending: Option<(Segment, usize)>,
+    /// Output taken for sending, in order.
+    sending: Sending,
     /// EPOLLOUT is wanted (the socket refused more).
     want_write: bool,
 }
@@ -262,8 +263,10 @@ impl EpollLoop {
             let _ = socket::set_int_option(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         }
         let handle = Connection::new(self.shared.clone(), slot, generation, socket::peer_addr(raw));
-        self.conns
-            .fill(slot, EpollConn { state: ConnState::new(raw, handle.clone()), sending: None, want_write: false });
+        self.conns.fill(
+            slot,
+            EpollConn { state: ConnState::new(raw, handle.clone()), sending: Sending::default(), want_write: false },
+        );
         self.shared.counters.live.fetch_add(1, Ordering::Relaxed);
         guarded((), || self.handler.on_connect(&handle));
         self.pump(slot);
@@ -326,7 +329,7 @@ impl EpollLoop {
             return;
         }
         let Some(c) = self.conns.slot(slot) else { return };
-        let idle = c.sending.is_none();
+        let idle = c.sending.is_empty();
         c.state.output_callbacks(&*handler, high_water, idle);
         if idle && c.state.handle.queued_bytes() == 0 {
             match c.state.handle.close_request() {
@@ -346,22 +349,20 @@ impl EpollLoop {
     fn flush(&mut self, slot: u32) -> Result<(), i32> {
         let Some(c) = self.conns.slot(slot) else { return Ok(()) };
         loop {
-            if c.sending.is_none() {
-                let next = c.state.handle.0.out.lock().segments.pop_front();
-                match next {
-                    Some(segment) => c.sending = Some((segment, 0)),
-                    None => break,
-                }
+            c.sending.refill(&c.state.handle, MAX_SEGMENTS);
+            if c.sending.is_empty() {
+                break;
             }
-            let Some((segment, done)) = c.sending.as_mut() else { break };
-            let left = segment.len() - *done;
-            // SAFETY: *done < len: the range lies inside the segment, which stays
-            // valid while it is ours.
-            let ptr = unsafe { segment.as_ptr().add(*done) };
-            // SAFETY: send(2) from that range; MSG_NOSIGNAL: EPIPE, not SIGPIPE.
-            let n = unsafe {
-                libc::send(c.state.fd, ptr as *const libc::c_void, left, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
-            };
+            // Every queued piece in one sendmsg (up to MAX_SEGMENTS).
+            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_SEGMENTS];
+            let count = c.sending.iovecs(&mut iov);
+            // SAFETY: msghdr is a plain C struct; all-zero is valid.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = count;
+            // SAFETY: sendmsg(2) from iovecs into segments we own for the call;
+            // MSG_NOSIGNAL: EPIPE, not SIGPIPE.
+            let n = unsafe { libc::sendmsg(c.state.fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
             if n < 0 {
                 let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
                 if errno == libc::EINTR {
@@ -375,15 +376,14 @@ impl EpollLoop {
             let n = n as usize;
             sent(&c.state.handle, n);
             c.state.wrote = true;
-            *done += n;
-            if *done >= segment.len() {
-                if let Some((segment, done)) = c.sending.take() {
-                    segment.finish(Ok(done));
-                }
-            }
+            // No receive buffers are kept on epoll: finishing frees nothing more.
+            c.sending.consume(n, |segment| {
+                let len = segment.len();
+                let _ = segment.finish(Ok(len));
+            });
         }
         // Watch EPOLLOUT only while output waits for the socket.
-        let want_write = c.sending.is_some();
+        let want_write = !c.sending.is_empty();
         if want_write != c.want_write {
             c.want_write = want_write;
             let mut events = if c.state.eof { 0 } else { (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 };
@@ -408,11 +408,12 @@ impl EpollLoop {
         // SAFETY: the descriptor is ours (adopted from the acceptor).
         unsafe { libc::close(fd) };
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
-        if let Some((segment, done)) = c.sending {
-            segment.finish(if done > 0 { Ok(done) } else { outcome() });
+        let partial = c.sending.offset;
+        for (i, segment) in c.sending.segments.into_iter().enumerate() {
+            let _ = segment.finish(if i == 0 && partial > 0 { Ok(partial) } else { outcome() });
         }
         for segment in c.state.handle.mark_closed() {
-            segment.finish(outcome());
+            let _ = segment.finish(outcome());
         }
         guarded((), || self.handler.on_close(&c.state.handle, error));
         self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);

@@ -15,7 +15,10 @@ use io_uring::IoUring;
 
 use crate::net::acceptor::{AcceptOutcome, Acceptor};
 use crate::net::buf_ring::BufRing;
-use crate::net::connection::{guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Segment, ServerHandler};
+use crate::net::connection::{
+    guarded, sent, with_receive_window, CloseRequest, ConnState, ConnTable, Connection, ReceiveWindow, Segment,
+    Sending, ServerHandler,
+};
 use crate::net::op::{accept, cancel, recv, send, OpKind, OpTag};
 use crate::net::NetOptions;
 use crate::ring::{probe_opcodes, setup, RingConfig};
@@ -147,8 +150,11 @@ struct UringConn {
     recv_armed: bool,
     /// Single-shot receive buffer (kernels without buffer rings).
     recv_buf: Option<Box<[u8]>>,
-    /// The segment being sent and how much of it went out.
-    sending: Option<(Segment, usize)>,
+    /// Output taken for sending; a send is in flight while `send_busy`.
+    sending: Sending,
+    send_busy: bool,
+    /// Where a send of several segments keeps its iovecs (made on first use).
+    gather: Option<Box<send::Gather>>,
     cancel_sent: bool,
 }
 
@@ -492,7 +498,9 @@ impl UringLoop {
                 ops: 0,
                 recv_armed: false,
                 recv_buf: None,
-                sending: None,
+                sending: Sending::default(),
+                send_busy: false,
+                gather: None,
                 cancel_sent: false,
             },
         );
@@ -543,8 +551,20 @@ impl UringLoop {
             let len = result as usize;
             match (mode, buffer) {
                 (RecvMode::Multishot, Some(bid)) => {
-                    if let Some(bufs) = self.bufs.as_ref() {
-                        c.state.deliver(&*handler, bufs.data(bid, len));
+                    if let Some(bufs) = self.bufs.as_mut() {
+                        let data = bufs.data(bid, len);
+                        let window = ReceiveWindow {
+                            owner: Arc::as_ptr(&self.shared),
+                            start: data.as_ptr(),
+                            len: data.len(),
+                            bid,
+                            pins: 0,
+                            budget: bufs.pin_budget(),
+                        };
+                        let window = with_receive_window(window, || c.state.deliver(&*handler, data));
+                        if window.pins > 0 {
+                            bufs.pin(bid, window.pins);
+                        }
                     }
                 }
                 _ => {
@@ -606,16 +626,16 @@ impl UringLoop {
             self.begin_close(slot, 0, true);
             return;
         }
-        // Start the next send if none is in flight.
-        if c.sending.is_none() {
-            let next = c.state.handle.0.out.lock().segments.pop_front();
-            if let Some(segment) = next {
-                c.sending = Some((segment, 0));
+        // Start the next send if none is in flight: what is left of the last
+        // one first, then queued output, gathered into one send.
+        if !c.send_busy {
+            c.sending.refill(&c.state.handle, send::MAX_SEGMENTS);
+            if !c.sending.is_empty() {
                 self.push_send(slot);
             }
         }
         let Some(c) = self.conns.slot(slot) else { return };
-        let idle = c.sending.is_none();
+        let idle = c.sending.is_empty();
         c.state.output_callbacks(&*handler, high_water, idle);
         if idle && c.state.handle.queued_bytes() == 0 {
             match c.state.handle.close_request() {
@@ -630,15 +650,22 @@ impl UringLoop {
         }
     }
 
+    /// Sends what `sending` holds: one SEND for a single segment, one
+    /// SENDMSG gathering several.
     fn push_send(&mut self, slot: u32) {
         let Some(c) = self.conns.slot(slot) else { return };
-        let Some((segment, done)) = c.sending.as_ref() else { return };
-        let left = segment.len() - done;
-        // SAFETY: done < len: the pointer stays inside the segment, which the
-        // connection keeps until this send completes.
-        let ptr = unsafe { segment.as_ptr().add(*done) };
-        let entry =
-            send::prepare(c.state.fd, ptr, left.min(u32::MAX as usize) as u32, slot, c.state.handle.0.generation);
+        let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
+        let entry = if c.sending.segments.len() == 1 {
+            let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }];
+            c.sending.iovecs(&mut iov);
+            let len = iov[0].iov_len.min(u32::MAX as usize) as u32;
+            send::prepare(fd, iov[0].iov_base as *const u8, len, slot, generation)
+        } else {
+            let gather = c.gather.get_or_insert_with(send::Gather::new);
+            let count = c.sending.iovecs(&mut gather.iov);
+            send::prepare_gathered(fd, gather, count, slot, generation)
+        };
+        c.send_busy = true;
         c.ops += 1;
         self.push(&entry);
     }
@@ -658,23 +685,22 @@ impl UringLoop {
         let bytes = result as usize;
         sent(&c.state.handle, bytes);
         c.state.wrote = true;
-        let finished = match c.sending.as_mut() {
-            Some((segment, done)) => {
-                *done += bytes;
-                *done >= segment.len()
-            }
-            None => false,
-        };
-        if finished {
-            if let Some((segment, done)) = c.sending.take() {
-                segment.finish(Ok(done));
-            }
-        } else if c.sending.is_some() && !c.state.closing {
-            // A short send: the rest goes next, before anything queued later.
-            self.push_send(tag.slot);
-            return;
+        c.send_busy = false;
+        let mut done = Vec::new();
+        c.sending.consume(bytes, |segment| done.push(segment));
+        for segment in done {
+            let len = segment.len();
+            self.finish_segment(segment, Ok(len));
         }
+        // A short send's rest goes next, before anything queued later.
         self.pump(tag.slot);
+    }
+
+    /// Ends a segment; a receive buffer it kept goes back to the kernel.
+    fn finish_segment(&mut self, segment: Segment, outcome: io::Result<usize>) {
+        if let (Some(bid), Some(bufs)) = (segment.finish(outcome), self.bufs.as_mut()) {
+            bufs.unpin(bid);
+        }
     }
 
     // --- closing -----------------------------------------------------------
@@ -714,7 +740,7 @@ impl UringLoop {
         if c.recv_armed {
             targets.push(OpTag::conn_op(OpKind::Recv, slot, generation));
         }
-        if c.sending.is_some() {
+        if c.send_busy {
             targets.push(OpTag::conn_op(OpKind::Send, slot, generation));
         }
         c.ops += targets.len() as u32;
@@ -752,11 +778,12 @@ impl UringLoop {
         unsafe { libc::close(c.state.fd) };
         let error = c.state.error;
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
-        if let Some((segment, done)) = c.sending {
-            segment.finish(if done > 0 { Ok(done) } else { outcome() });
+        let partial = c.sending.offset;
+        for (i, segment) in c.sending.segments.into_iter().enumerate() {
+            self.finish_segment(segment, if i == 0 && partial > 0 { Ok(partial) } else { outcome() });
         }
         for segment in c.state.handle.mark_closed() {
-            segment.finish(outcome());
+            self.finish_segment(segment, outcome());
         }
         guarded((), || self.handler.on_close(&c.state.handle, error));
         self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);

@@ -7,6 +7,41 @@ use io_uring::types::Fd;
 
 use super::{OpKind, OpTag};
 
+/// Most pieces of queued output one send gathers.
+pub(crate) const MAX_SEGMENTS: usize = 16;
+
+/// Where a gathered send's iovecs and message header live while it is in
+/// flight: boxed with the connection, whose segments they point into.
+pub(crate) struct Gather {
+    pub(crate) iov: [libc::iovec; MAX_SEGMENTS],
+    pub(crate) msg: libc::msghdr,
+}
+
+impl Gather {
+    pub(crate) fn new() -> Box<Gather> {
+        // SAFETY: iovec and msghdr are plain C structs; all-zero is valid.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
+/// Sends the `count` pieces of `gather.iov` in one go (IORING_OP_SENDMSG).
+/// The box must stay put until the completion.
+pub(crate) fn prepare_gathered(fd: i32, gather: &mut Gather, count: usize, slot: u32, generation: u32) -> Entry {
+    gather.msg = libc::msghdr {
+        msg_name: std::ptr::null_mut(),
+        msg_namelen: 0,
+        msg_iov: gather.iov.as_mut_ptr(),
+        msg_iovlen: count,
+        msg_control: std::ptr::null_mut(),
+        msg_controllen: 0,
+        msg_flags: 0,
+    };
+    opcode::SendMsg::new(Fd(fd), &gather.msg)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build()
+        .user_data(OpTag::conn_op(OpKind::Send, slot, generation).encode())
+}
+
 /// Sends `len` bytes at `buf` (valid until the completion).
 pub(crate) fn prepare(fd: i32, buf: *const u8, len: u32, slot: u32, generation: u32) -> Entry {
     opcode::Send::new(Fd(fd), buf, len)
