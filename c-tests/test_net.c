@@ -20,6 +20,7 @@ struct srv {
     atomic_long bytes_in;
     atomic_long closed_clean, closed_reset, closed_cancelled, closed_other;
     atomic_int peer_ok;
+    atomic_int send_after_shutdown; /* SHUTWR: what a send after shutdown_write returned */
     struct ioe_conn *kept; /* KEEP: a reference taken in on_connect */
 };
 
@@ -54,7 +55,10 @@ static size_t on_data(struct ioe_conn *conn, const void *data, size_t len, void 
         CHECK_EQ(ioe_conn_send(conn, data, len), 0);
         return len;
     case SHUTWR:
-        if (len >= 4 && memcmp(data, "SHUT", 4) == 0) CHECK_EQ(ioe_conn_shutdown_write(conn), 0);
+        if (len >= 4 && memcmp(data, "SHUT", 4) == 0) {
+            CHECK_EQ(ioe_conn_shutdown_write(conn), 0);
+            atomic_store(&s->send_after_shutdown, ioe_conn_send(conn, "late", 4));
+        }
         return len;
     default:
         return len;
@@ -64,7 +68,9 @@ static size_t on_data(struct ioe_conn *conn, const void *data, size_t len, void 
 static void on_eof(struct ioe_conn *conn, void *user_data) {
     struct srv *s = user_data;
     waiter_signal(&s->eofs);
-    CHECK_EQ(ioe_conn_close(conn), 0);
+    /* SHUTWR: the write side is shut already; the connection must end by
+     * itself now that both directions are done. */
+    if (s->mode != SHUTWR) CHECK_EQ(ioe_conn_close(conn), 0);
 }
 
 static void on_high_water(struct ioe_conn *conn, size_t queued, void *user_data) {
@@ -269,10 +275,16 @@ static void half_close(uint32_t backend) {
     fd = connect_to(s->port);
     CHECK_EQ(send(fd, "SHUT", 4, MSG_NOSIGNAL), 4);
     CHECK_EQ(read_to_eof(fd, in, sizeof in), 0); /* the server's write side is shut */
+    CHECK_EQ(atomic_load(&s->send_after_shutdown), -ENOTCONN);
     CHECK_EQ(send(fd, "more!", 5, MSG_NOSIGNAL), 5);
-    close(fd);
+    /* The client finishes too, keeping its socket open: both directions are
+     * done, so the server closes the connection by itself (cleanly), and
+     * does not spin on it meanwhile. */
+    CHECK(shutdown(fd, SHUT_WR) == 0);
     waiter_wait(&s->closes, 1);
+    CHECK_EQ(atomic_load(&s->closed_clean), 1);
     CHECK_EQ(atomic_load(&s->bytes_in), 9); /* received after its shutdown too */
+    close(fd);
     stop_server(s);
 }
 
@@ -381,16 +393,35 @@ static void stop_with_live_connections(uint32_t backend) {
  * are descriptors again. */
 static void emfile_at_accept(uint32_t backend) {
     struct srv *s = start_server(backend, 0, ECHO, 0);
-    struct rlimit saved, tight;
-    CHECK(getrlimit(RLIMIT_NOFILE, &saved) == 0);
-    int used = count_open_fds();
     enum { N = 4 };
-    tight = saved;
-    tight.rlim_cur = (rlim_t)(used + N); /* room for the clients, none for the server */
-    CHECK(setrlimit(RLIMIT_NOFILE, &tight) == 0);
+    /* The client sockets first; then every other descriptor number is
+     * taken (io_uring's accept checks RLIMIT_NOFILE as it was when it was
+     * armed, so only a full table makes it fail), and the clients connect
+     * (connecting takes no descriptor). */
     int fds[N];
-    for (int i = 0; i < N; i++) fds[i] = connect_to(s->port);
-    CHECK(setrlimit(RLIMIT_NOFILE, &saved) == 0);
+    for (int i = 0; i < N; i++) {
+        fds[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK(fds[i] >= 0);
+    }
+    struct rlimit lim;
+    CHECK(getrlimit(RLIMIT_NOFILE, &lim) == 0);
+    int *filler = malloc(lim.rlim_cur * sizeof *filler);
+    CHECK(filler != NULL);
+    size_t filled = 0;
+    for (int fd; (fd = dup(0)) >= 0;) filler[filled++] = fd;
+    CHECK_EQ(errno, EMFILE);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s->port)};
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    for (int i = 0; i < N; i++) CHECK(connect(fds[i], (struct sockaddr *)&addr, sizeof addr) == 0);
+    /* The server tried and paused (its counter says so). */
+    for (time_t start = time(NULL);; sched_yield()) {
+        struct ioe_net_stats st;
+        CHECK_EQ(ioe_server_stats(s->server, &st), 0);
+        if (st.accept_pauses > 0) break;
+        CHECK(time(NULL) - start < 60);
+    }
+    for (size_t i = 0; i < filled; i++) close(filler[i]);
+    free(filler);
     for (int i = 0; i < N; i++) {
         uint8_t out[64], in[64];
         fill_pattern(out, sizeof out, (uint64_t)i);
@@ -399,6 +430,56 @@ static void emfile_at_accept(uint32_t backend) {
         close(fds[i]);
     }
     waiter_wait(&s->closes, N);
+    stop_server(s);
+}
+
+/* max_connections holds across loops: 3 of 5 clients are served. */
+static void connection_limit(uint32_t backend) {
+    enum { N = 5, MAX = 3 };
+    struct srv *s = calloc(1, sizeof *s);
+    CHECK(s != NULL);
+    s->mode = ECHO;
+    waiter_init(&s->connects);
+    waiter_init(&s->closes);
+    waiter_init(&s->eofs);
+    waiter_init(&s->high_waters);
+    waiter_init(&s->write_completes);
+    struct ioe_server_options opts;
+    CHECK_EQ(ioe_server_options_init(&opts), 0);
+    opts.address = "127.0.0.1";
+    opts.backend = backend;
+    opts.threads = 2;
+    opts.max_connections = MAX;
+    struct ioe_server_callbacks cbs = {.on_connect = on_connect, .on_data = on_data, .on_eof = on_eof,
+                                       .on_close = on_close, .user_data = s};
+    CHECK_EQ(ioe_server_create(&opts, &cbs, &s->server), 0);
+    CHECK_EQ(ioe_server_start(s->server), 0);
+    s->port = ioe_server_port(s->server);
+    int fds[N];
+    for (int i = 0; i < N; i++) fds[i] = connect_to(s->port);
+    /* The two beyond the limit are closed at once: they read end of file. */
+    int refused = 0;
+    for (int i = 0; i < N; i++) {
+        struct pollfd p = {.fd = fds[i], .events = POLLIN};
+        if (i >= MAX || poll(&p, 1, 0) > 0) {
+            uint8_t b;
+            if (i >= MAX) refused += read_to_eof(fds[i], &b, 1) == 0;
+        }
+    }
+    CHECK_EQ(refused, N - MAX);
+    waiter_wait(&s->connects, MAX);
+    struct ioe_net_stats st;
+    CHECK_EQ(ioe_server_stats(s->server, &st), 0);
+    CHECK_EQ(st.connections, MAX);
+    CHECK_EQ(st.rejected, N - MAX);
+    for (int i = 0; i < MAX; i++) {
+        uint8_t out[16], in[16];
+        fill_pattern(out, sizeof out, (uint64_t)i);
+        CHECK_EQ(exchange(fds[i], out, sizeof out, in, sizeof in), sizeof in);
+        CHECK(memcmp(in, out, sizeof out) == 0);
+    }
+    for (int i = 0; i < N; i++) close(fds[i]);
+    waiter_wait(&s->closes, MAX);
     stop_server(s);
 }
 
@@ -529,6 +610,7 @@ static void run(uint32_t backend) {
     STEP(sends_from_another_thread(backend));
     STEP(stop_with_live_connections(backend));
     STEP(emfile_at_accept(backend));
+    STEP(connection_limit(backend));
     long rss_before = rss_kib();
     thousand_connections(backend);
     long rss_after = rss_kib();

@@ -378,8 +378,8 @@ typedef struct ioe_server_options {
      */
     uint32_t threads;
     /**
-     * Most connections open at once (default 16384); more are accepted and
-     * closed at once.
+     * Most connections open at once, across all loops (default 16384);
+     * more are accepted and closed at once (ioe_net_stats.rejected).
      */
     uint32_t max_connections;
     /**
@@ -493,9 +493,14 @@ typedef struct ioe_net_stats {
      */
     uint64_t recv_starved;
     /**
+     * Times accepting paused for 100 ms because the process was out of
+     * descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+     */
+    uint64_t accept_pauses;
+    /**
      * Zero; room for more counters.
      */
-    uint64_t reserved[7];
+    uint64_t reserved[6];
 } ioe_net_stats;
 
 /**
@@ -825,8 +830,10 @@ int ioe_conn_unref(struct ioe_conn *conn);
 
 /**
  * Queues a copy of `len` bytes for sending; never blocks; any thread.
- * Sends keep the order in which they were queued. Returns 0; -ENOTCONN
- * (the connection is closing or closed: nothing queued); -EINVAL (NULL
+ * Sends keep the order in which they were queued. Bytes an on_data call
+ * sends straight from the `data` it was given are sent from the receive
+ * buffer itself, without a copy. Returns 0; -ENOTCONN (the connection is
+ * closing, shut for writing, or closed: nothing queued); -EINVAL (NULL
  * conn, or NULL data with len > 0).
  */
 int ioe_conn_send(struct ioe_conn *conn, const void *data, size_t len);
@@ -857,7 +864,9 @@ int ioe_conn_close(struct ioe_conn *conn);
 
 /**
  * Shuts the write side down once the queued output is sent (the peer
- * sees end of file; receiving goes on). Any thread. Returns 0 or -EINVAL.
+ * sees end of file; receiving goes on). Later sends get -ENOTCONN; once
+ * the peer has finished too, the connection closes (on_close, error 0).
+ * Any thread. Returns 0 or -EINVAL.
  */
 int ioe_conn_shutdown_write(struct ioe_conn *conn);
 

@@ -51,8 +51,8 @@ pub struct ioe_server_options {
     /// accepting loop serves them too (one thread in all). Default: the
     /// number of CPUs.
     pub threads: u32,
-    /// Most connections open at once (default 16384); more are accepted and
-    /// closed at once.
+    /// Most connections open at once, across all loops (default 16384);
+    /// more are accepted and closed at once (ioe_net_stats.rejected).
     pub max_connections: u32,
     /// listen(2) backlog (default 1024).
     pub backlog: u32,
@@ -124,8 +124,11 @@ pub struct ioe_net_stats {
     /// io_uring: receives that paused because their loop's receive buffers
     /// were all in use (they resume as buffers return).
     pub recv_starved: u64,
+    /// Times accepting paused for 100 ms because the process was out of
+    /// descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    pub accept_pauses: u64,
     /// Zero; room for more counters.
-    pub reserved: [u64; 7],
+    pub reserved: [u64; 6],
 }
 
 /// A TCP server (opaque).
@@ -437,7 +440,8 @@ pub extern "C" fn ioe_server_stats(server: *const ioe_server, out: *mut ioe_net_
             rejected: st.rejected,
             cq_overflows: st.cq_overflows,
             recv_starved: st.recv_starved,
-            reserved: [0; 7],
+            accept_pauses: st.accept_pauses,
+            reserved: [0; 6],
         };
         // SAFETY: non-null; the caller promises it is writable.
         unsafe { out.write(stats) };
@@ -487,8 +491,10 @@ pub extern "C" fn ioe_conn_unref(conn: *mut ioe_conn) -> c_int {
 }
 
 /// Queues a copy of `len` bytes for sending; never blocks; any thread.
-/// Sends keep the order in which they were queued. Returns 0; -ENOTCONN
-/// (the connection is closing or closed: nothing queued); -EINVAL (NULL
+/// Sends keep the order in which they were queued. Bytes an on_data call
+/// sends straight from the `data` it was given are sent from the receive
+/// buffer itself, without a copy. Returns 0; -ENOTCONN (the connection is
+/// closing, shut for writing, or closed: nothing queued); -EINVAL (NULL
 /// conn, or NULL data with len > 0).
 #[no_mangle]
 pub extern "C" fn ioe_conn_send(conn: *mut ioe_conn, data: *const c_void, len: usize) -> c_int {
@@ -576,7 +582,9 @@ pub extern "C" fn ioe_conn_close(conn: *mut ioe_conn) -> c_int {
 }
 
 /// Shuts the write side down once the queued output is sent (the peer
-/// sees end of file; receiving goes on). Any thread. Returns 0 or -EINVAL.
+/// sees end of file; receiving goes on). Later sends get -ENOTCONN; once
+/// the peer has finished too, the connection closes (on_close, error 0).
+/// Any thread. Returns 0 or -EINVAL.
 #[no_mangle]
 pub extern "C" fn ioe_conn_shutdown_write(conn: *mut ioe_conn) -> c_int {
     guard(|| {

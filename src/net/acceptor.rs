@@ -13,6 +13,7 @@ use io_uring::squeue::Entry;
 use crate::net::event_loop::{LoopShared, Task};
 use crate::net::loop_pool::LoopPool;
 use crate::net::op::{accept, cancel, OpKind};
+use crate::net::NetOptions;
 
 /// What a completion of the accept (or its retry timer) asks the loop to do.
 pub(crate) enum AcceptOutcome {
@@ -61,7 +62,11 @@ impl Acceptor {
         if result >= 0 {
             // SAFETY: the kernel just created this descriptor for us.
             let fd = unsafe { OwnedFd::from_raw_fd(result) };
-            let rearm = if more || self.stopping || loop_stopping { None } else { self.prepare() };
+            let stopping = self.stopping || loop_stopping;
+            let rearm = if more || stopping { None } else { self.prepare() };
+            if stopping {
+                self.close_if_idle();
+            }
             return AcceptOutcome::Connection(fd, rearm);
         }
         let errno = -result;
@@ -121,14 +126,25 @@ impl Acceptor {
         self.listener.is_none() && self.in_flight.is_none()
     }
 
-    /// Hands a new connection to the next loop: returns it if that loop is
-    /// the caller's own (`this`), else posts it there.
-    pub(crate) fn dispatch(&self, fd: OwnedFd, this: &Arc<LoopShared>) -> Option<OwnedFd> {
-        let target = self.pool.next_loop();
-        if Arc::ptr_eq(&target, this) {
-            return Some(fd);
-        }
-        target.post(Task::Adopt(fd));
-        None
+    /// Hands a new connection to the next loop with room: returns it if
+    /// that loop is the caller's own (`this`), else posts it there. With no
+    /// room (max_connections) it is closed and counted as rejected.
+    pub(crate) fn dispatch(&self, fd: OwnedFd, this: &Arc<LoopShared>, opts: &NetOptions) -> Option<OwnedFd> {
+        dispatch(&self.pool, fd, this, opts)
     }
 }
+
+/// See `Acceptor::dispatch` (the epoll loop's acceptor uses it too).
+pub(crate) fn dispatch(pool: &LoopPool, fd: OwnedFd, this: &Arc<LoopShared>, opts: &NetOptions) -> Option<OwnedFd> {
+    let Some(target) = pool.admit(opts) else {
+        this.counters.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return None; // dropping the descriptor closes the connection
+    };
+    if Arc::ptr_eq(&target, this) {
+        return Some(fd);
+    }
+    target.post(Task::Adopt(fd));
+    None
+}
+
+impl Acceptor {}

@@ -240,7 +240,8 @@ impl Connection {
     }
 
     /// Shuts the write side down (the peer sees end of file) once the
-    /// queued output is sent; receiving goes on.
+    /// queued output is sent; receiving goes on, further sends are refused
+    /// (`ENOTCONN`). Once the peer has finished too, the connection closes.
     pub fn shutdown_write(&self) {
         self.request_close(CloseRequest::ShutdownWrite);
     }
@@ -278,9 +279,9 @@ impl Connection {
     }
 
     fn request_close(&self, request: CloseRequest) {
-        if request >= CloseRequest::Graceful {
-            self.0.out.lock().refused = true;
-        }
+        // Output queued from now on could never be sent (the write side
+        // shuts once what is queued is out): refused.
+        self.0.out.lock().refused = true;
         let previous = self.0.close_request.fetch_max(request as u8, Ordering::SeqCst);
         if previous < request as u8 {
             self.kick();
@@ -304,6 +305,12 @@ impl Connection {
 
     pub(crate) fn close_request(&self) -> CloseRequest {
         CloseRequest::from_u8(self.0.close_request.load(Ordering::SeqCst))
+    }
+
+    /// Refuses further sends (the loop began closing on its own: an error,
+    /// or the server stopping).
+    pub(crate) fn refuse_sends(&self) {
+        self.0.out.lock().refused = true;
     }
 
     /// Marks the connection closed and hands back what was still queued.

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::net::acceptor::dispatch;
 use crate::net::connection::{guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Sending, ServerHandler};
 use crate::net::event_loop::{LoopShared, Task};
 use crate::net::loop_pool::LoopPool;
@@ -221,6 +222,7 @@ impl EpollLoop {
                 if accept::is_resource_error(errno) {
                     // Out of descriptors: stop watching the listener for a while.
                     acceptor.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    self.shared.counters.accept_pauses.fetch_add(1, Ordering::Relaxed);
                     let _ = self.control(libc::EPOLL_CTL_DEL, listener, 0, OpTag::loop_op(OpKind::Accept));
                     return;
                 }
@@ -235,11 +237,8 @@ impl EpollLoop {
             // SAFETY: accept4 just created this descriptor for us.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-            let target = acceptor.pool.next_loop();
-            if Arc::ptr_eq(&target, &self.shared) {
+            if let Some(fd) = dispatch(&acceptor.pool, fd, &self.shared, &self.opts) {
                 self.adopt(fd);
-            } else {
-                target.post(Task::Adopt(fd));
             }
         }
     }
@@ -247,8 +246,10 @@ impl EpollLoop {
     // --- connections -------------------------------------------------------
 
     fn adopt(&mut self, fd: OwnedFd) {
-        if self.stopping || self.conns.live() >= self.opts.max_connections_per_loop {
+        // The acceptor counted it in (`LoopPool::admit`).
+        if self.stopping {
             self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.opts.release(&self.shared);
             return;
         }
         let (slot, generation) = self.conns.reserve();
@@ -256,6 +257,7 @@ impl EpollLoop {
         let tag = OpTag::conn_op(OpKind::Recv, slot, generation);
         if self.control(libc::EPOLL_CTL_ADD, raw, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, tag).is_err() {
             self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.opts.release(&self.shared);
             return;
         }
         std::mem::forget(fd); // the table owns it now; closed in `close`
@@ -267,13 +269,28 @@ impl EpollLoop {
             slot,
             EpollConn { state: ConnState::new(raw, handle.clone()), sending: Sending::default(), want_write: false },
         );
-        self.shared.counters.live.fetch_add(1, Ordering::Relaxed);
         guarded((), || self.handler.on_connect(&handle));
         self.pump(slot);
     }
 
     fn on_conn_event(&mut self, tag: OpTag, flags: u32) {
-        if self.conns.get(tag.slot, tag.generation).is_none() {
+        let Some(c) = self.conns.get(tag.slot, tag.generation) else { return };
+        if c.state.eof && flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
+            // After end of file epoll keeps reporting HUP/ERR (they cannot be
+            // masked): the connection is over, with the socket's error if any.
+            let mut error: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt into a c_int on our stack of the size given.
+            unsafe {
+                libc::getsockopt(
+                    c.state.fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    &mut error as *mut libc::c_int as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            self.close(tag.slot, error, error != 0);
             return;
         }
         if flags & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
@@ -302,6 +319,11 @@ impl EpollLoop {
             let _ = self.control(libc::EPOLL_CTL_MOD, fd, events, OpTag::conn_op(OpKind::Recv, slot, generation));
             let Some(c) = self.conns.slot(slot) else { return };
             guarded((), || handler.on_eof(&c.state.handle));
+            if c.state.write_shut {
+                // Both directions are done: nothing can happen any more.
+                self.close(slot, 0, false);
+                return;
+            }
         } else {
             let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
             if errno != libc::EAGAIN && errno != libc::EINTR {
@@ -338,6 +360,10 @@ impl EpollLoop {
                     c.state.write_shut = true;
                     // SAFETY: shutdown(2) on the connection's open descriptor.
                     unsafe { libc::shutdown(c.state.fd, libc::SHUT_WR) };
+                    if c.state.eof {
+                        // Both directions are done: nothing can happen any more.
+                        self.close(slot, 0, false);
+                    }
                 }
                 _ => {}
             }
@@ -416,6 +442,6 @@ impl EpollLoop {
             let _ = segment.finish(outcome());
         }
         guarded((), || self.handler.on_close(&c.state.handle, error));
-        self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);
+        self.opts.release(&self.shared);
     }
 }

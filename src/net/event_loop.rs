@@ -46,6 +46,7 @@ pub(crate) struct LoopCounters {
     pub(crate) rejected: AtomicU64,
     pub(crate) cq_overflows: AtomicU64,
     pub(crate) recv_starved: AtomicU64,
+    pub(crate) accept_pauses: AtomicU64,
 }
 
 /// The part of a loop other threads use: its task queue and wake-up.
@@ -186,6 +187,8 @@ pub(crate) struct UringLoop {
     /// Loop-level operations in flight (wake read, accept, retry timer, cancels).
     loop_ops: u32,
     stopping: bool,
+    /// The loop has left its run loop: the wake read is not armed again.
+    exiting: bool,
     /// The overflow count last seen in the CQ ring.
     cq_dropped: u32,
 }
@@ -263,6 +266,7 @@ impl UringLoop {
             acceptor,
             loop_ops: 0,
             stopping: false,
+            exiting: false,
             cq_dropped: 0,
         }
     }
@@ -331,7 +335,9 @@ impl UringLoop {
             self.reap();
         }
         // Cancel the wake read and wait for every loop operation, so the
-        // kernel is done with the loop's memory before it goes.
+        // kernel is done with the loop's memory before it goes. A wake-up
+        // that completes the read first must not arm it again.
+        self.exiting = true;
         let entry = cancel::prepare_loop_op(OpKind::Wake);
         self.push(&entry);
         self.loop_ops += 1;
@@ -383,7 +389,7 @@ impl UringLoop {
 
     fn on_wake(&mut self, result: i32) {
         self.loop_ops -= 1;
-        if result == -libc::ECANCELED {
+        if result == -libc::ECANCELED || self.exiting {
             return;
         }
         self.shared.woken();
@@ -442,7 +448,7 @@ impl UringLoop {
         match outcome {
             AcceptOutcome::Connection(fd, rearm) => {
                 self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Some(fd) = acceptor.dispatch(fd, &self.shared) {
+                if let Some(fd) = acceptor.dispatch(fd, &self.shared, &self.opts) {
                     self.adopt(fd);
                 }
                 if let Some(entry) = rearm {
@@ -455,6 +461,7 @@ impl UringLoop {
                 self.loop_ops += 1;
             }
             AcceptOutcome::Pause => {
+                self.shared.counters.accept_pauses.fetch_add(1, Ordering::Relaxed);
                 let entry = accept::prepare_retry(&*self.retry_timespec);
                 self.push(&entry);
                 self.loop_ops += 1;
@@ -479,8 +486,10 @@ impl UringLoop {
 
     /// Takes a new connection into the loop's table and starts receiving.
     fn adopt(&mut self, fd: OwnedFd) {
-        if self.stopping || self.conns.live() >= self.opts.max_connections_per_loop {
+        // The acceptor counted it in (`LoopPool::admit`).
+        if self.stopping {
             self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.opts.release(&self.shared);
             return; // dropping the descriptor closes the connection
         }
         let (slot, generation) = self.conns.reserve();
@@ -504,7 +513,6 @@ impl UringLoop {
                 cancel_sent: false,
             },
         );
-        self.shared.counters.live.fetch_add(1, Ordering::Relaxed);
         guarded((), || self.handler.on_connect(&handle));
         self.arm_recv(slot);
         self.pump(slot);
@@ -579,6 +587,10 @@ impl UringLoop {
             if !c.state.closing {
                 guarded((), || handler.on_eof(&c.state.handle));
             }
+            if c.state.write_shut && !c.state.closing {
+                // Both directions are done: nothing can happen any more.
+                ended = Some(0);
+            }
         } else if result == -libc::ENOBUFS {
             // The ring ran dry: resume once buffers are back (end of batch).
             self.shared.counters.recv_starved.fetch_add(1, Ordering::Relaxed);
@@ -594,7 +606,7 @@ impl UringLoop {
             bufs.recycle(bid);
         }
         match ended {
-            Some(errno) => self.begin_close(tag.slot, errno, true),
+            Some(errno) => self.begin_close(tag.slot, errno, errno != 0),
             None => {
                 if !more && result > 0 {
                     self.arm_recv(tag.slot);
@@ -644,6 +656,10 @@ impl UringLoop {
                     c.state.write_shut = true;
                     // SAFETY: shutdown(2) on the connection's open descriptor.
                     unsafe { libc::shutdown(c.state.fd, libc::SHUT_WR) };
+                    if c.state.eof {
+                        // Both directions are done: nothing can happen any more.
+                        self.begin_close(slot, 0, false);
+                    }
                 }
                 _ => {}
             }
@@ -714,6 +730,7 @@ impl UringLoop {
         if !c.state.closing {
             c.state.closing = true;
             c.state.error = error;
+            c.state.handle.refuse_sends();
             if abortive && error != libc::ECONNRESET && error != libc::EPIPE {
                 crate::net::socket::set_reset_on_close(c.state.fd);
             }
@@ -786,6 +803,6 @@ impl UringLoop {
             self.finish_segment(segment, outcome());
         }
         guarded((), || self.handler.on_close(&c.state.handle, error));
-        self.shared.counters.live.fetch_sub(1, Ordering::Relaxed);
+        self.opts.release(&self.shared);
     }
 }

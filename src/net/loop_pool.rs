@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::net::event_loop::LoopShared;
+use crate::net::NetOptions;
 
 pub(crate) struct LoopPool {
     loops: Vec<Arc<LoopShared>>,
@@ -22,6 +23,25 @@ impl LoopPool {
     pub(crate) fn next_loop(&self) -> Arc<LoopShared> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         self.loops[n % self.loops.len()].clone()
+    }
+
+    /// Admits a new connection: the next loop in turn that has room takes
+    /// it, counted at once (the loop releases it when it closes). None when
+    /// the server holds `max_connections` or no loop has room.
+    pub(crate) fn admit(&self, opts: &NetOptions) -> Option<Arc<LoopShared>> {
+        if opts.open.fetch_add(1, Ordering::SeqCst) >= opts.max_connections {
+            opts.open.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        for _ in 0..self.loops.len() {
+            let target = self.next_loop();
+            if target.counters.live.fetch_add(1, Ordering::SeqCst) < opts.max_connections_per_loop {
+                return Some(target);
+            }
+            target.counters.live.fetch_sub(1, Ordering::SeqCst);
+        }
+        opts.open.fetch_sub(1, Ordering::SeqCst);
+        None
     }
 }
 

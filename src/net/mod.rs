@@ -155,7 +155,20 @@ pub(crate) struct NetOptions {
     pub(crate) sqpoll_idle_ms: Option<u32>,
     pub(crate) sqpoll_cpu: Option<u32>,
     pub(crate) backlog: i32,
+    /// Most connections a loop holds (sizes its completion queue).
     pub(crate) max_connections_per_loop: usize,
+    /// Most connections the server holds, and how many it holds now
+    /// (reserved by the acceptor before a loop takes the connection).
+    pub(crate) max_connections: usize,
+    pub(crate) open: std::sync::atomic::AtomicUsize,
+}
+
+impl NetOptions {
+    /// A connection a loop held (or was to take) is gone.
+    pub(crate) fn release(&self, owner: &event_loop::LoopShared) {
+        owner.counters.live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl NetOptions {
@@ -172,6 +185,8 @@ impl NetOptions {
             sqpoll_cpu: opts.sqpoll_cpu,
             backlog: opts.backlog,
             max_connections_per_loop: opts.max_connections.div_ceil(serving),
+            max_connections: opts.max_connections,
+            open: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 }

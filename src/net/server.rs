@@ -36,6 +36,9 @@ pub struct ServerStats {
     /// io_uring: times a connection's multishot receive stopped because its
     /// loop's receive buffers were all in use (it resumes when they return).
     pub recv_starved: u64,
+    /// Times accepting paused because the process was out of descriptors or
+    /// memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); it resumes 100 ms later.
+    pub accept_pauses: u64,
 }
 
 struct Running {
@@ -252,6 +255,7 @@ impl TcpServer {
             stats.rejected += c.rejected.load(Ordering::Relaxed);
             stats.cq_overflows += c.cq_overflows.load(Ordering::Relaxed);
             stats.recv_starved += c.recv_starved.load(Ordering::Relaxed);
+            stats.accept_pauses += c.accept_pauses.load(Ordering::Relaxed);
         }
         stats
     }
