@@ -531,6 +531,30 @@ impl ConnState {
             guarded((), || handler.on_write_complete(&self.handle));
         }
     }
+
+    /// After a loop has pushed output along: runs the output callbacks and,
+    /// once nothing is queued or in flight, carries out a graceful close or
+    /// shutdown_write request. Both loops share this so the close rules are
+    /// one. Returns true when the loop should now close the connection
+    /// gracefully.
+    pub(crate) fn settle_output(&mut self, handler: &dyn ServerHandler, high_water: usize, idle: bool) -> bool {
+        self.output_callbacks(handler, high_water, idle);
+        if !idle || self.handle.queued_bytes() != 0 {
+            return false;
+        }
+        match self.handle.close_request() {
+            CloseRequest::Graceful => true,
+            CloseRequest::ShutdownWrite if !self.write_shut => {
+                self.write_shut = true;
+                // SAFETY: shutdown(2) on the connection's open descriptor.
+                unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+                // With end of file already seen both directions are done:
+                // nothing can happen any more.
+                self.eof
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Runs an application callback. A panic (a bug in a Rust handler) is

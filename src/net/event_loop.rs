@@ -648,21 +648,8 @@ impl UringLoop {
         }
         let Some(c) = self.conns.slot(slot) else { return };
         let idle = c.sending.is_empty();
-        c.state.output_callbacks(&*handler, high_water, idle);
-        if idle && c.state.handle.queued_bytes() == 0 {
-            match c.state.handle.close_request() {
-                CloseRequest::Graceful => self.begin_close(slot, 0, false),
-                CloseRequest::ShutdownWrite if !c.state.write_shut => {
-                    c.state.write_shut = true;
-                    // SAFETY: shutdown(2) on the connection's open descriptor.
-                    unsafe { libc::shutdown(c.state.fd, libc::SHUT_WR) };
-                    if c.state.eof {
-                        // Both directions are done: nothing can happen any more.
-                        self.begin_close(slot, 0, false);
-                    }
-                }
-                _ => {}
-            }
+        if c.state.settle_output(&*handler, high_water, idle) {
+            self.begin_close(slot, 0, false);
         }
     }
 
