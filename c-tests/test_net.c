@@ -9,7 +9,7 @@
 
 #include <signal.h>
 
-enum mode { ECHO, DISCARD, FLOOD, SHUTWR, KEEP };
+enum mode { ECHO, DISCARD, FLOOD, SHUTWR, KEEP, REPLY_CLOSE };
 
 struct srv {
     struct ioe_server *server;
@@ -53,6 +53,17 @@ static size_t on_data(struct ioe_conn *conn, const void *data, size_t len, void 
     switch (s->mode) {
     case ECHO:
         CHECK_EQ(ioe_conn_send(conn, data, len), 0);
+        return len;
+    case REPLY_CLOSE:
+        /* "BYE!": a reply of flood_bytes, then a graceful close. */
+        if (len >= 4 && memcmp(data, "BYE!", 4) == 0) {
+            uint8_t *reply = malloc(s->flood_bytes);
+            CHECK(reply != NULL);
+            fill_pattern(reply, s->flood_bytes, 77);
+            CHECK_EQ(ioe_conn_send(conn, reply, s->flood_bytes), 0);
+            free(reply);
+            CHECK_EQ(ioe_conn_close(conn), 0);
+        }
         return len;
     case SHUTWR:
         if (len >= 4 && memcmp(data, "SHUT", 4) == 0) {
@@ -100,6 +111,7 @@ static void on_close(struct ioe_conn *conn, int error, void *user_data) {
 
 /* Extra options for the next server started (0: defaults). */
 static uint32_t next_flags, next_recv_buffers, next_recv_buffer_size, next_max_connections;
+static uint32_t next_linger_ms = UINT32_MAX; /* UINT32_MAX: the default */
 
 static struct srv *start_server(uint32_t backend, uint32_t threads, enum mode mode, uint64_t high_water) {
     struct srv *s = calloc(1, sizeof *s);
@@ -121,7 +133,9 @@ static struct srv *start_server(uint32_t backend, uint32_t threads, enum mode mo
     if (next_recv_buffers) opts.recv_buffers = next_recv_buffers;
     if (next_recv_buffer_size) opts.recv_buffer_size = next_recv_buffer_size;
     if (next_max_connections) opts.max_connections = next_max_connections;
+    if (next_linger_ms != UINT32_MAX) opts.linger_ms = next_linger_ms;
     next_flags = next_recv_buffers = next_recv_buffer_size = next_max_connections = 0;
+    next_linger_ms = UINT32_MAX;
     struct ioe_server_callbacks cbs = {.on_connect = on_connect, .on_data = on_data, .on_eof = on_eof,
                                        .on_write_complete = on_write_complete, .on_high_water = on_high_water,
                                        .on_close = on_close, .user_data = s};
@@ -464,6 +478,66 @@ static void connection_limit(uint32_t backend) {
     stop_server(s);
 }
 
+/* --- lingering close ----------------------------------------------------- */
+
+enum peer_after_reply { PEER_SENDS_THEN_CLOSES, PEER_STAYS, SERVER_STOPS };
+
+/* The server answers "BYE!" with a reply larger than the client's receive
+ * window and closes gracefully; the client has not read the reply yet when
+ * the close is under way. Closing the socket outright would let data the
+ * client sends next (a pipelined request) make the kernel reset the
+ * connection and drop the part of the reply still in the send buffer. With
+ * lingering the client gets the whole reply and a clean end of file,
+ * whatever it sends late, and the connection closes when the client does
+ * (or the linger time passes, or the server stops). */
+static void reply_then_close(uint32_t backend, enum peer_after_reply peer) {
+    const size_t reply_len = 256 << 10;
+    if (peer == PEER_STAYS) next_linger_ms = 50;
+    struct srv *s = start_server(backend, 0, REPLY_CLOSE, 0);
+    s->flood_bytes = reply_len;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    int small = 4096; /* most of the reply waits in the server's send buffer */
+    CHECK(setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small) == 0);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s->port)};
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0);
+    CHECK_EQ(send(fd, "BYE!", 4, MSG_NOSIGNAL), 4);
+    /* Wait until the server is closing: the whole reply handed to the
+     * kernel and the connection lingering (or, without lingering, closed). */
+    for (time_t start = time(NULL);; sched_yield()) {
+        struct ioe_net_stats st;
+        CHECK_EQ(ioe_server_stats(s->server, &st), 0);
+        if (st.lingering == 1 || waiter_done(&s->closes) == 1) break;
+        CHECK(time(NULL) - start < 60);
+    }
+    if (peer == SERVER_STOPS) {
+        /* The lingering connection closes, cleanly: its output is out. */
+        CHECK_EQ(ioe_server_stop(s->server), 0);
+        CHECK_EQ(atomic_load(&s->closed_clean), 1);
+    } else if (peer == PEER_SENDS_THEN_CLOSES) {
+        uint8_t late[1000];
+        memset(late, 'x', sizeof late);
+        CHECK_EQ(send(fd, late, sizeof late, MSG_NOSIGNAL), (ssize_t)sizeof late);
+    }
+    uint8_t *reply = malloc(reply_len), *want = malloc(reply_len);
+    CHECK(reply != NULL && want != NULL);
+    fill_pattern(want, reply_len, 77);
+    CHECK_EQ(read_to_eof(fd, reply, reply_len), reply_len);
+    CHECK(memcmp(reply, want, reply_len) == 0);
+    free(reply);
+    free(want);
+    /* PEER_STAYS: the linger time passes and the server closes first. */
+    if (peer == PEER_STAYS) waiter_wait(&s->closes, 1);
+    close(fd);
+    waiter_wait(&s->closes, 1);
+    CHECK_EQ(atomic_load(&s->closed_clean), 1);
+    struct ioe_net_stats st;
+    CHECK_EQ(ioe_server_stats(s->server, &st), 0);
+    CHECK_EQ(st.lingering, 0);
+    stop_server(s);
+}
+
 /* 1,000 connections at once, each echoing 64 bytes, from one thread. */
 static void thousand_connections(uint32_t backend) {
     enum { N = 1000 };
@@ -592,6 +666,9 @@ static void run(uint32_t backend) {
     STEP(stop_with_live_connections(backend));
     STEP(emfile_at_accept(backend));
     STEP(connection_limit(backend));
+    STEP(reply_then_close(backend, PEER_SENDS_THEN_CLOSES));
+    STEP(reply_then_close(backend, PEER_STAYS));
+    STEP(reply_then_close(backend, SERVER_STOPS));
     long rss_before = rss_kib();
     thousand_connections(backend);
     long rss_after = rss_kib();

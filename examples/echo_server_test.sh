@@ -4,6 +4,9 @@
 set -euo pipefail
 server=$1
 coproc SERVER { exec "$server" 0 1; }
+# Kept now: bash unsets SERVER_PID as soon as it reaps the coprocess, which
+# may happen between the kill and the wait below.
+server_pid=$SERVER_PID
 read -r -t 30 line <&"${SERVER[0]}" || { echo "the server did not start"; exit 1; }
 echo "$line"
 port=${line#listening on port }
@@ -20,5 +23,5 @@ while chunk := s.recv(65536):
 assert bytes(back) == data, f"echoed {len(back)} bytes, different"
 print(f"echoed {len(back)} bytes")
 PY
-kill -TERM "$SERVER_PID"
-wait "$SERVER_PID"
+kill -TERM "$server_pid"
+wait "$server_pid"

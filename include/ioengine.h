@@ -417,6 +417,20 @@ typedef struct ioe_server_options {
     uint32_t recv_buffers;
     uint32_t recv_buffer_size;
     /**
+     * Lingering close, in milliseconds (default 5000). A graceful close
+     * (ioe_conn_close) whose output has gone out shuts the write side
+     * down, then keeps reading and dropping what the peer still sends
+     * until the peer closes too or this time has passed, and only then
+     * closes the socket: closing with the peer's data unread, or
+     * receiving data after closing, makes the kernel reset the connection
+     * and throw away output the peer has not received yet. on_close runs
+     * when the socket closes; meanwhile the connection counts in
+     * ioe_net_stats.connections and .lingering, and no other callback
+     * runs for it. 0: close at once (late data from the peer may then
+     * cost it the end of the output).
+     */
+    uint32_t linger_ms;
+    /**
      * Must be zero.
      */
     uint64_t reserved[4];
@@ -498,9 +512,14 @@ typedef struct ioe_net_stats {
      */
     uint64_t accept_pauses;
     /**
+     * Connections whose graceful close is waiting for the peer to finish
+     * (see ioe_server_options.linger_ms); counted in `connections` too.
+     */
+    uint64_t lingering;
+    /**
      * Zero; room for more counters.
      */
-    uint64_t reserved[6];
+    uint64_t reserved[5];
 } ioe_net_stats;
 
 /**
@@ -771,7 +790,8 @@ int ioe_server_start(struct ioe_server *server);
 
 /**
  * Stops: accepting ends, every connection is closed (on_close runs with
- * ECANCELED; queued output is dropped), the loops end and their threads
+ * ECANCELED; queued output is dropped; a connection lingering after
+ * ioe_conn_close closes cleanly, error 0), the loops end and their threads
  * are joined, every descriptor is closed. Idempotent. Returns 0, -EINVAL
  * (NULL) or -EDEADLK (called from one of the server's callbacks; nothing
  * happens).
@@ -857,7 +877,9 @@ int ioe_conn_send_borrowed(struct ioe_conn *conn,
 int64_t ioe_conn_queued(const struct ioe_conn *conn);
 
 /**
- * Closes once the queued output is sent; further sends get -ENOTCONN.
+ * Closes once the queued output is sent (after a lingering wait for the
+ * peer, see ioe_server_options.linger_ms); further sends get -ENOTCONN
+ * and, from the time the output is out, no callback but on_close runs.
  * Any thread. Returns 0 or -EINVAL (NULL); closing twice is harmless.
  */
 int ioe_conn_close(struct ioe_conn *conn);

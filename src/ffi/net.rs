@@ -74,6 +74,18 @@ pub struct ioe_server_options {
     /// holds none), and their size (default 16 KiB).
     pub recv_buffers: u32,
     pub recv_buffer_size: u32,
+    /// Lingering close, in milliseconds (default 5000). A graceful close
+    /// (ioe_conn_close) whose output has gone out shuts the write side
+    /// down, then keeps reading and dropping what the peer still sends
+    /// until the peer closes too or this time has passed, and only then
+    /// closes the socket: closing with the peer's data unread, or
+    /// receiving data after closing, makes the kernel reset the connection
+    /// and throw away output the peer has not received yet. on_close runs
+    /// when the socket closes; meanwhile the connection counts in
+    /// ioe_net_stats.connections and .lingering, and no other callback
+    /// runs for it. 0: close at once (late data from the peer may then
+    /// cost it the end of the output).
+    pub linger_ms: u32,
     /// Must be zero.
     pub reserved: [u64; 4],
 }
@@ -127,8 +139,11 @@ pub struct ioe_net_stats {
     /// Times accepting paused for 100 ms because the process was out of
     /// descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
     pub accept_pauses: u64,
+    /// Connections whose graceful close is waiting for the peer to finish
+    /// (see ioe_server_options.linger_ms); counted in `connections` too.
+    pub lingering: u64,
     /// Zero; room for more counters.
-    pub reserved: [u64; 6],
+    pub reserved: [u64; 5],
 }
 
 /// A TCP server (opaque).
@@ -230,6 +245,7 @@ pub extern "C" fn ioe_server_options_init(opts: *mut ioe_server_options) -> c_in
             cq_size: 0,
             recv_buffers: d.recv_buffers as u32,
             recv_buffer_size: d.recv_buffer_size,
+            linger_ms: d.linger.as_millis().min(u32::MAX as u128) as u32,
             reserved: [0; 4],
         };
         // SAFETY: non-null; the caller promises writable memory for the struct.
@@ -285,6 +301,7 @@ fn options_from_c(opts: &ioe_server_options) -> Result<ServerOptions, c_int> {
     core.cq_entries = (opts.flags & IOE_SERVER_CQSIZE != 0).then_some(opts.cq_size);
     core.sqpoll_idle_ms = sqpoll.then_some(opts.sqpoll_idle_ms);
     core.sqpoll_cpu = (opts.flags & IOE_SERVER_SQPOLL_CPU != 0).then_some(opts.sqpoll_cpu);
+    core.linger = std::time::Duration::from_millis(opts.linger_ms as u64);
     core.validate().map_err(|e| neg(&e))?;
     Ok(core)
 }
@@ -362,7 +379,8 @@ pub extern "C" fn ioe_server_start(server: *mut ioe_server) -> c_int {
 }
 
 /// Stops: accepting ends, every connection is closed (on_close runs with
-/// ECANCELED; queued output is dropped), the loops end and their threads
+/// ECANCELED; queued output is dropped; a connection lingering after
+/// ioe_conn_close closes cleanly, error 0), the loops end and their threads
 /// are joined, every descriptor is closed. Idempotent. Returns 0, -EINVAL
 /// (NULL) or -EDEADLK (called from one of the server's callbacks; nothing
 /// happens).
@@ -441,7 +459,8 @@ pub extern "C" fn ioe_server_stats(server: *const ioe_server, out: *mut ioe_net_
             cq_overflows: st.cq_overflows,
             recv_starved: st.recv_starved,
             accept_pauses: st.accept_pauses,
-            reserved: [0; 6],
+            lingering: st.lingering,
+            reserved: [0; 5],
         };
         // SAFETY: non-null; the caller promises it is writable.
         unsafe { out.write(stats) };
@@ -569,7 +588,9 @@ pub extern "C" fn ioe_conn_queued(conn: *const ioe_conn) -> i64 {
     guard64(|| with_conn(conn, -(libc::EINVAL as i64), |c| c.queued_bytes() as i64))
 }
 
-/// Closes once the queued output is sent; further sends get -ENOTCONN.
+/// Closes once the queued output is sent (after a lingering wait for the
+/// peer, see ioe_server_options.linger_ms); further sends get -ENOTCONN
+/// and, from the time the output is out, no callback but on_close runs.
 /// Any thread. Returns 0 or -EINVAL (NULL); closing twice is harmless.
 #[no_mangle]
 pub extern "C" fn ioe_conn_close(conn: *mut ioe_conn) -> c_int {

@@ -234,7 +234,8 @@ impl Connection {
         Ok(())
     }
 
-    /// Closes once the queued output is sent; further sends are refused.
+    /// Closes once the queued output is sent, after lingering for the peer
+    /// to finish (`ServerOptions::linger`); further sends are refused.
     pub fn close(&self) {
         self.request_close(CloseRequest::Graceful);
     }
@@ -470,6 +471,9 @@ pub(crate) struct ConnState {
     pub(crate) eof: bool,
     /// Our write side is shut down.
     pub(crate) write_shut: bool,
+    /// A graceful close is waiting for the peer to finish (see `linger`):
+    /// what arrives is dropped, no callbacks run but `on_close`.
+    pub(crate) lingering: bool,
     /// Closing has begun: no more callbacks but `on_close`.
     pub(crate) closing: bool,
     /// The errno that ends the connection, reported by `on_close`.
@@ -486,6 +490,7 @@ impl ConnState {
             wrote: false,
             eof: false,
             write_shut: false,
+            lingering: false,
             closing: false,
             error: 0,
         }
@@ -495,7 +500,7 @@ impl ConnState {
     /// nothing was left over, else after the kept tail. Keeps what it did
     /// not consume.
     pub(crate) fn deliver(&mut self, handler: &dyn ServerHandler, data: &[u8]) {
-        if self.closing || data.is_empty() {
+        if self.closing || self.lingering || data.is_empty() {
             return;
         }
         if self.input.is_empty() {
@@ -516,7 +521,7 @@ impl ConnState {
 
     /// Runs the high-water and write-complete callbacks that are due.
     pub(crate) fn output_callbacks(&mut self, handler: &dyn ServerHandler, high_water: usize, idle: bool) {
-        if self.closing {
+        if self.closing || self.lingering {
             return;
         }
         let queued = self.handle.queued_bytes();
@@ -533,28 +538,61 @@ impl ConnState {
     }
 
     /// After a loop has pushed output along: runs the output callbacks and,
-    /// once nothing is queued or in flight, carries out a graceful close or
+    /// once nothing is queued or in flight, carries out a close or
     /// shutdown_write request. Both loops share this so the close rules are
-    /// one. Returns true when the loop should now close the connection
-    /// gracefully.
-    pub(crate) fn settle_output(&mut self, handler: &dyn ServerHandler, high_water: usize, idle: bool) -> bool {
+    /// one. `linger`: a graceful close lingers (see `linger`).
+    pub(crate) fn settle_output(
+        &mut self,
+        handler: &dyn ServerHandler,
+        high_water: usize,
+        idle: bool,
+        linger: bool,
+    ) -> Settled {
         self.output_callbacks(handler, high_water, idle);
-        if !idle || self.handle.queued_bytes() != 0 {
-            return false;
+        if !idle || self.handle.queued_bytes() != 0 || self.lingering {
+            return Settled::Open;
         }
         match self.handle.close_request() {
-            CloseRequest::Graceful => true,
+            // With the peer's end of file seen nothing more can arrive: a
+            // close now cannot reset.
+            CloseRequest::Graceful if self.eof || !linger => Settled::Close,
+            CloseRequest::Graceful => {
+                self.shut_write();
+                self.lingering = true;
+                Settled::Linger
+            }
             CloseRequest::ShutdownWrite if !self.write_shut => {
-                self.write_shut = true;
-                // SAFETY: shutdown(2) on the connection's open descriptor.
-                unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+                self.shut_write();
                 // With end of file already seen both directions are done:
                 // nothing can happen any more.
-                self.eof
+                if self.eof {
+                    Settled::Close
+                } else {
+                    Settled::Open
+                }
             }
-            _ => false,
+            _ => Settled::Open,
         }
     }
+
+    fn shut_write(&mut self) {
+        if !self.write_shut {
+            self.write_shut = true;
+            // SAFETY: shutdown(2) on the connection's open descriptor.
+            unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+        }
+    }
+}
+
+/// What a loop does with a connection after `settle_output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Nothing to do.
+    Open,
+    /// Close it (no reset: a requested or completed end).
+    Close,
+    /// It began lingering: the loop starts its clock.
+    Linger,
 }
 
 /// Runs an application callback. A panic (a bug in a Rust handler) is

@@ -14,8 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::acceptor::dispatch;
-use crate::net::connection::{guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Sending, ServerHandler};
+use crate::net::connection::{
+    guarded, sent, CloseRequest, ConnState, ConnTable, Connection, Sending, ServerHandler, Settled,
+};
 use crate::net::event_loop::{LoopShared, Task};
+use crate::net::linger::{self, LingerQueue};
 use crate::net::loop_pool::LoopPool;
 use crate::net::op::send::MAX_SEGMENTS;
 use crate::net::op::{accept, OpKind, OpTag};
@@ -55,6 +58,8 @@ pub(crate) struct EpollLoop {
     conns: ConnTable<EpollConn>,
     acceptor: Option<EpollAcceptor>,
     read_buf: Box<[u8]>,
+    /// Lingering closes, oldest first (epoll_wait's timeout covers the oldest).
+    lingering: LingerQueue,
     stopping: bool,
 }
 
@@ -81,10 +86,11 @@ impl EpollLoop {
             epoll,
             shared,
             handler,
-            opts,
             conns: ConnTable::new(),
             acceptor: acceptor.map(|(listener, pool)| EpollAcceptor { listener, pool, paused_until: None }),
             read_buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
+            lingering: LingerQueue::new(opts.linger),
+            opts,
             stopping: false,
         };
         event_loop.control(
@@ -114,7 +120,7 @@ impl EpollLoop {
             if self.stopping && self.conns.live() == 0 {
                 break;
             }
-            let timeout = self.accept_timeout();
+            let timeout = self.wait_timeout();
             // SAFETY: `events` has room for MAX_EVENTS entries.
             let n =
                 unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), MAX_EVENTS as i32, timeout) };
@@ -136,6 +142,7 @@ impl EpollLoop {
                 }
             }
             self.resume_accepting();
+            self.end_expired_lingering();
         }
         if let Some(acceptor) = self.acceptor.take() {
             drop(acceptor.listener);
@@ -176,19 +183,40 @@ impl EpollLoop {
                     self.control(libc::EPOLL_CTL_DEL, acceptor.listener.as_raw_fd(), 0, OpTag::loop_op(OpKind::Accept));
             }
         }
+        self.lingering.clear();
         for slot in 0..self.conns.capacity() {
-            if self.conns.slot(slot).is_some() {
-                self.close(slot, libc::ECANCELED, true);
+            match self.conns.slot(slot) {
+                // Its output is out and its close was asked for: no reset.
+                Some(c) if c.state.lingering => self.close(slot, 0, false),
+                Some(_) => self.close(slot, libc::ECANCELED, true),
+                None => {}
             }
         }
     }
 
     // --- accepting ---------------------------------------------------------
 
-    fn accept_timeout(&self) -> i32 {
-        match self.acceptor.as_ref().and_then(|a| a.paused_until) {
-            Some(until) => until.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32 + 1,
-            None => -1,
+    /// epoll_wait's timeout: until accepting resumes or the oldest
+    /// lingering connection's time is up, whichever comes first; -1 for none.
+    fn wait_timeout(&self) -> i32 {
+        let paused = self.acceptor.as_ref().and_then(|a| a.paused_until);
+        let deadline = match (paused, self.lingering.next_deadline()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(deadline) => deadline,
+                None => return -1,
+            },
+        };
+        // Rounded up, so the loop does not wake just before the deadline.
+        linger::until(deadline).as_millis().min(i32::MAX as u128 - 1) as i32 + 1
+    }
+
+    /// Closes the lingering connections whose time is up.
+    fn end_expired_lingering(&mut self) {
+        for (slot, generation) in self.lingering.take_expired(Instant::now()) {
+            if self.conns.get(slot, generation).is_some_and(|c| c.state.lingering) {
+                self.close(slot, 0, false);
+            }
         }
     }
 
@@ -318,7 +346,9 @@ impl EpollLoop {
             let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
             let _ = self.control(libc::EPOLL_CTL_MOD, fd, events, OpTag::conn_op(OpKind::Recv, slot, generation));
             let Some(c) = self.conns.slot(slot) else { return };
-            guarded((), || handler.on_eof(&c.state.handle));
+            if !c.state.lingering {
+                guarded((), || handler.on_eof(&c.state.handle));
+            }
             if c.state.write_shut {
                 // Both directions are done: nothing can happen any more.
                 self.close(slot, 0, false);
@@ -350,10 +380,17 @@ impl EpollLoop {
             self.close(slot, errno, true);
             return;
         }
+        let linger = self.lingering.enabled();
         let Some(c) = self.conns.slot(slot) else { return };
         let idle = c.sending.is_empty();
-        if c.state.settle_output(&*handler, high_water, idle) {
-            self.close(slot, 0, false);
+        match c.state.settle_output(&*handler, high_water, idle, linger) {
+            Settled::Open => {}
+            Settled::Close => self.close(slot, 0, false),
+            Settled::Linger => {
+                let generation = c.state.handle.0.generation;
+                self.shared.counters.lingering.fetch_add(1, Ordering::Relaxed);
+                self.lingering.push(slot, generation);
+            }
         }
     }
 
@@ -420,6 +457,9 @@ impl EpollLoop {
         }
         // SAFETY: the descriptor is ours (adopted from the acceptor).
         unsafe { libc::close(fd) };
+        if c.state.lingering {
+            self.shared.counters.lingering.fetch_sub(1, Ordering::Relaxed);
+        }
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
         let partial = c.sending.offset;
         for (i, segment) in c.sending.segments.into_iter().enumerate() {

@@ -17,9 +17,10 @@ use crate::net::acceptor::{AcceptOutcome, Acceptor};
 use crate::net::buf_ring::BufRing;
 use crate::net::connection::{
     guarded, sent, with_receive_window, CloseRequest, ConnState, ConnTable, Connection, ReceiveWindow, Segment,
-    Sending, ServerHandler,
+    Sending, ServerHandler, Settled,
 };
-use crate::net::op::{accept, cancel, recv, send, OpKind, OpTag};
+use crate::net::linger::{self, LingerQueue};
+use crate::net::op::{accept, cancel, recv, send, timer, OpKind, OpTag};
 use crate::net::NetOptions;
 use crate::ring::{probe_opcodes, setup, RingConfig};
 
@@ -47,6 +48,8 @@ pub(crate) struct LoopCounters {
     pub(crate) cq_overflows: AtomicU64,
     pub(crate) recv_starved: AtomicU64,
     pub(crate) accept_pauses: AtomicU64,
+    /// Connections lingering now (a gauge).
+    pub(crate) lingering: AtomicUsize,
 }
 
 /// The part of a loop other threads use: its task queue and wake-up.
@@ -175,6 +178,10 @@ pub(crate) struct UringLoop {
     bufs: Option<BufRing>,
     wake_buf: Box<u64>,
     retry_timespec: Box<io_uring::types::Timespec>,
+    /// Lingering closes, and their timer (one at a time, for the oldest).
+    lingering: LingerQueue,
+    linger_timespec: Box<io_uring::types::Timespec>,
+    linger_timer_armed: bool,
     shared: Arc<LoopShared>,
     handler: Arc<dyn ServerHandler>,
     opts: Arc<NetOptions>,
@@ -184,7 +191,7 @@ pub(crate) struct UringLoop {
     /// Slots whose multishot receive ended for lack of buffers.
     starved: Vec<u32>,
     acceptor: Option<Acceptor>,
-    /// Loop-level operations in flight (wake read, accept, retry timer, cancels).
+    /// Loop-level operations in flight (wake read, accept, timers, cancels).
     loop_ops: u32,
     stopping: bool,
     /// The loop has left its run loop: the wake read is not armed again.
@@ -256,6 +263,9 @@ impl UringLoop {
             bufs,
             wake_buf: Box::new(0),
             retry_timespec: Box::new(io_uring::types::Timespec::new().nsec(100_000_000)),
+            lingering: LingerQueue::new(opts.linger),
+            linger_timespec: Box::new(io_uring::types::Timespec::new()),
+            linger_timer_armed: false,
             shared,
             handler,
             opts,
@@ -341,6 +351,11 @@ impl UringLoop {
         let entry = cancel::prepare_loop_op(OpKind::Wake);
         self.push(&entry);
         self.loop_ops += 1;
+        if self.linger_timer_armed {
+            let entry = cancel::prepare_loop_op(OpKind::LingerTimer);
+            self.push(&entry);
+            self.loop_ops += 1;
+        }
         while self.loop_ops > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -382,6 +397,7 @@ impl UringLoop {
             OpKind::Recv => self.on_recv(tag, result, flags),
             OpKind::Send => self.on_send(tag, result),
             OpKind::Cancel => self.on_cancel(tag, result),
+            OpKind::LingerTimer => self.on_linger_timer(),
         }
     }
 
@@ -423,9 +439,13 @@ impl UringLoop {
                 self.loop_ops += 1;
             }
         }
+        self.lingering.clear();
         for slot in 0..self.conns.capacity() {
-            if self.conns.slot(slot).is_some() {
-                self.begin_close(slot, libc::ECANCELED, true);
+            match self.conns.slot(slot) {
+                // Its output is out and its close was asked for: no reset.
+                Some(c) if c.state.lingering => self.begin_close(slot, 0, false),
+                Some(_) => self.begin_close(slot, libc::ECANCELED, true),
+                None => {}
             }
         }
     }
@@ -584,7 +604,7 @@ impl UringLoop {
             }
         } else if result == 0 {
             c.state.eof = true;
-            if !c.state.closing {
+            if !c.state.closing && !c.state.lingering {
                 guarded((), || handler.on_eof(&c.state.handle));
             }
             if c.state.write_shut && !c.state.closing {
@@ -646,11 +666,45 @@ impl UringLoop {
                 self.push_send(slot);
             }
         }
+        let linger = self.lingering.enabled();
         let Some(c) = self.conns.slot(slot) else { return };
         let idle = c.sending.is_empty();
-        if c.state.settle_output(&*handler, high_water, idle) {
-            self.begin_close(slot, 0, false);
+        match c.state.settle_output(&*handler, high_water, idle, linger) {
+            Settled::Open => {}
+            Settled::Close => self.begin_close(slot, 0, false),
+            Settled::Linger => {
+                let generation = c.state.handle.0.generation;
+                self.shared.counters.lingering.fetch_add(1, Ordering::Relaxed);
+                self.lingering.push(slot, generation);
+                self.arm_linger_timer();
+            }
         }
+    }
+
+    /// Starts the linger timer for the oldest lingering connection, unless
+    /// it runs already (it re-arms itself when it fires).
+    fn arm_linger_timer(&mut self) {
+        if self.linger_timer_armed || self.exiting {
+            return;
+        }
+        let Some(deadline) = self.lingering.next_deadline() else { return };
+        *self.linger_timespec = timer::timespec(linger::until(deadline));
+        let entry = timer::prepare(&*self.linger_timespec, OpKind::LingerTimer);
+        self.push(&entry);
+        self.loop_ops += 1;
+        self.linger_timer_armed = true;
+    }
+
+    /// Closes the lingering connections whose time is up.
+    fn on_linger_timer(&mut self) {
+        self.loop_ops -= 1;
+        self.linger_timer_armed = false;
+        for (slot, generation) in self.lingering.take_expired(std::time::Instant::now()) {
+            if self.conn(slot, generation).is_some_and(|c| c.state.lingering && !c.state.closing) {
+                self.begin_close(slot, 0, false);
+            }
+        }
+        self.arm_linger_timer();
     }
 
     /// Sends what `sending` holds: one SEND for a single segment, one
@@ -780,6 +834,9 @@ impl UringLoop {
         // SAFETY: the descriptor is ours (adopted from the acceptor) and no
         // operation is in flight on it any more.
         unsafe { libc::close(c.state.fd) };
+        if c.state.lingering {
+            self.shared.counters.lingering.fetch_sub(1, Ordering::Relaxed);
+        }
         let error = c.state.error;
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
         let partial = c.sending.offset;

@@ -9,6 +9,7 @@ pub(crate) mod buf_ring;
 pub mod connection;
 pub(crate) mod epoll;
 pub(crate) mod event_loop;
+pub(crate) mod linger;
 pub(crate) mod loop_pool;
 pub(crate) mod op;
 pub mod server;
@@ -99,6 +100,12 @@ pub struct ServerOptions {
     pub sqpoll_idle_ms: Option<u32>,
     /// With SQPOLL: the CPU the kernel thread is pinned to.
     pub sqpoll_cpu: Option<u32>,
+    /// How long a graceful close waits, once our output is out and our
+    /// write side shut, for the peer to finish, reading and dropping what
+    /// it still sends; zero closes at once, and data the
+    /// peer sends late may then make the kernel reset the connection and
+    /// drop output the peer has not received yet.
+    pub linger: std::time::Duration,
 }
 
 impl ServerOptions {
@@ -117,6 +124,7 @@ impl ServerOptions {
             cq_entries: None,
             sqpoll_idle_ms: None,
             sqpoll_cpu: None,
+            linger: std::time::Duration::from_secs(5),
         }
     }
 
@@ -155,6 +163,7 @@ pub(crate) struct NetOptions {
     pub(crate) sqpoll_idle_ms: Option<u32>,
     pub(crate) sqpoll_cpu: Option<u32>,
     pub(crate) backlog: i32,
+    pub(crate) linger: std::time::Duration,
     /// Most connections a loop holds (sizes its completion queue).
     pub(crate) max_connections_per_loop: usize,
     /// Most connections the server holds, and how many it holds now
@@ -184,6 +193,7 @@ impl NetOptions {
             sqpoll_idle_ms: opts.sqpoll_idle_ms,
             sqpoll_cpu: opts.sqpoll_cpu,
             backlog: opts.backlog,
+            linger: opts.linger,
             max_connections_per_loop: opts.max_connections.div_ceil(serving),
             max_connections: opts.max_connections,
             open: std::sync::atomic::AtomicUsize::new(0),

@@ -39,6 +39,9 @@ pub struct ServerStats {
     /// Times accepting paused because the process was out of descriptors or
     /// memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); it resumes 100 ms later.
     pub accept_pauses: u64,
+    /// Connections whose graceful close is waiting for the peer to finish
+    /// (`ServerOptions::linger`); they count in `connections` too.
+    pub lingering: u64,
 }
 
 struct Running {
@@ -256,6 +259,7 @@ impl TcpServer {
             stats.cq_overflows += c.cq_overflows.load(Ordering::Relaxed);
             stats.recv_starved += c.recv_starved.load(Ordering::Relaxed);
             stats.accept_pauses += c.accept_pauses.load(Ordering::Relaxed);
+            stats.lingering += c.lingering.load(Ordering::Relaxed) as u64;
         }
         stats
     }

@@ -35,5 +35,5 @@ pub(crate) fn is_connection_error(errno: i32) -> bool {
 
 /// The retry timer after a resource error.
 pub(crate) fn prepare_retry(timespec: *const io_uring::types::Timespec) -> Entry {
-    opcode::Timeout::new(timespec).build().user_data(OpTag::loop_op(OpKind::AcceptRetry).encode())
+    super::timer::prepare(timespec, OpKind::AcceptRetry)
 }

@@ -7,13 +7,14 @@
 //! changes every time a slot is reused, so a completion for a connection
 //! that has since closed (its fd number perhaps reused) is recognised and
 //! dropped instead of reaching the new connection. Loop-level operations
-//! (the wake-up read, the acceptor, its retry timer) use slot 0 and
+//! (the wake-up read, the acceptor, its retry timer, the linger timer) use slot 0 and
 //! generation 0 and are told apart by kind.
 
 pub(crate) mod accept;
 pub(crate) mod cancel;
 pub(crate) mod recv;
 pub(crate) mod send;
+pub(crate) mod timer;
 
 /// What an operation is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +32,8 @@ pub(crate) enum OpKind {
     Send = 5,
     /// A connection's cancellation of its other operations.
     Cancel = 6,
+    /// The loop's timer for lingering closes whose time is up.
+    LingerTimer = 7,
 }
 
 impl OpKind {
@@ -42,6 +45,7 @@ impl OpKind {
             4 => OpKind::Recv,
             5 => OpKind::Send,
             6 => OpKind::Cancel,
+            7 => OpKind::LingerTimer,
             _ => return None,
         })
     }
@@ -84,7 +88,15 @@ mod tests {
 
     #[test]
     fn tags_round_trip_and_generations_wrap() {
-        for kind in [OpKind::Wake, OpKind::Accept, OpKind::AcceptRetry, OpKind::Recv, OpKind::Send, OpKind::Cancel] {
+        for kind in [
+            OpKind::Wake,
+            OpKind::Accept,
+            OpKind::AcceptRetry,
+            OpKind::Recv,
+            OpKind::Send,
+            OpKind::Cancel,
+            OpKind::LingerTimer,
+        ] {
             for (slot, generation) in [(0, 0), (7, 1), (u32::MAX, GENERATION_MASK), (12, GENERATION_MASK + 5)] {
                 let tag = OpTag::conn_op(kind, slot, generation);
                 assert_eq!(OpTag::decode(tag.encode()), Some(tag));
