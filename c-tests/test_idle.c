@@ -4,6 +4,8 @@
  * whose io_uring_enter returns at once when nothing is in flight. */
 #include "test_util.h"
 
+#include <stdbool.h>
+
 #define BLOCK 4096
 #define MAX_THREADS 64
 
@@ -55,8 +57,7 @@ static void thread_state(int tid, char *state, long long *ticks) {
 /* Every engine thread sleeps ('S' or 'D'), and over a window of 300 ms
  * uses at most one clock tick of CPU. A poller that spins is always
  * running: it never reaches 'S', and the hang guard fails the test. */
-static void check_engine_idle(const char *what) {
-    struct engine_thread t[MAX_THREADS];
+static int check_engine_idle(const char *what, struct engine_thread *t) {
     int n = engine_threads(t, MAX_THREADS);
     CHECK(n >= 2);
     long long before[MAX_THREADS];
@@ -90,9 +91,14 @@ static void check_engine_idle(const char *what) {
         }
     }
     printf("%s: %d engine threads asleep\n", what, n);
+    return n;
 }
 
 static void one_io_then_idle(struct ioe_context *ctx, int fd, const char *what) {
+    /* Once ioe_context_create has returned, every thread it started runs
+     * under its name: none shows up later. */
+    struct engine_thread at_create[MAX_THREADS];
+    int started = engine_threads(at_create, MAX_THREADS);
     struct waiter w;
     waiter_init(&w);
     struct slot *s = slots_new(1, &w);
@@ -100,22 +106,56 @@ static void one_io_then_idle(struct ioe_context *ctx, int fd, const char *what) 
     CHECK_EQ(ioe_buffer_alloc(BLOCK, 0, &buf), 0);
     CHECK_EQ(ioe_read(ctx, fd, buf, BLOCK, 0, IOE_CHANNEL_READ, on_complete, &s[0]), 0);
     waiter_wait(&w, 1);
-    check_engine_idle(what);
+    struct engine_thread later[MAX_THREADS];
+    int n = check_engine_idle(what, later);
+    for (int i = 0; i < n; i++) {
+        bool seen = false;
+        for (int j = 0; j < started; j++) seen = seen || at_create[j].tid == later[i].tid;
+        if (!seen) {
+            fprintf(stderr, "%s: engine thread %s (%d) was not running under its name when create returned\n", what,
+                    later[i].name, later[i].tid);
+            exit(1);
+        }
+    }
+    CHECK_EQ(n, started);
     CHECK_EQ(ioe_context_destroy(ctx), 0);
     slots_check_once(s, 1);
     ioe_buffer_free(buf);
     free(s);
 }
 
+/* Waits until the engine threads are only those in `keep`. A destroy (of
+ * a context or pool) joins its threads, and pthread_join returns a moment
+ * before a thread leaves /proc/self/task: the next case must not count it.
+ * A thread that never goes ends the test by the ctest timeout. */
+static void wait_until_only(const struct engine_thread *keep, int nkeep) {
+    for (;;) {
+        struct engine_thread now[MAX_THREADS];
+        int n = engine_threads(now, MAX_THREADS), extra = 0;
+        for (int i = 0; i < n; i++) {
+            bool kept = false;
+            for (int j = 0; j < nkeep; j++) kept = kept || keep[j].tid == now[i].tid;
+            extra += !kept;
+        }
+        if (extra == 0) return;
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+}
+
 static void idle(uint32_t backend, struct ioe_workers *workers) {
     int fd = temp_file(BLOCK, 0);
     char what[64];
     snprintf(what, sizeof what, "%s, %s callbacks", ioe_backend_name(backend), workers ? "pool" : "inline");
+    struct engine_thread before[MAX_THREADS];
+    int nbefore = engine_threads(before, MAX_THREADS);
     one_io_then_idle(open_context(backend, 16, workers), fd, what);
+    wait_until_only(before, nbefore);
     close(fd);
 }
 
 static void idle_iopoll(void) {
+    wait_until_only(NULL, 0); /* the pool's threads, joined by run_matrix */
     struct ioe_context *ctx = open_iopoll_context(8);
     int fd = temp_file(BLOCK, O_DIRECT);
     one_io_then_idle(ctx, fd, "io_uring IOPOLL");

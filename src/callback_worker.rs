@@ -12,7 +12,7 @@ use std::thread::{self, JoinHandle};
 use crossbeam::channel::{self, Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
 
-use crate::driver::spawn_engine_thread;
+use crate::driver::start_engine_thread;
 use crate::tasks::{IOCallbackCustom, IOEvent};
 
 thread_local! {
@@ -178,7 +178,7 @@ impl<C: IOCallbackCustom> IOWorkers<C> {
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
             let rx = receiver.clone();
-            let handle = spawn_engine_thread(&format!("ioe-cb-{i}"), move || {
+            let handle = start_engine_thread(&format!("ioe-cb-{i}"), move || {
                 POOL_OF_THREAD.with(|p| p.set(id));
                 for (event, tracker) in rx.iter() {
                     run_guarded(event, &tracker);

@@ -30,8 +30,8 @@ use parking_lot::Mutex;
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
 use crate::driver::{
-    flush_before, is_resource_shortage, neg_errno, spawn_engine_thread, ActionSet, Backend, Backoff, SlotTable,
-    Started, SubmitLock, SENTINEL_DATA,
+    flush_before, is_resource_shortage, neg_errno, spawn_engine_thread, start_engine_thread, ActionSet, Backend,
+    Backoff, SlotTable, Started, SubmitLock, SENTINEL_DATA,
 };
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
@@ -539,12 +539,12 @@ impl AioDriver {
         let mut threads = Vec::with_capacity(3);
         let spawned = (|| -> io::Result<()> {
             let (inner_h, jobs) = (inner.clone(), inner.helpers.jobs.clone());
-            threads.push(spawn_engine_thread("ioe-aio-helper", move || worker_helper(inner_h, jobs))?);
+            threads.push(start_engine_thread("ioe-aio-helper", move || worker_helper(inner_h, jobs))?);
             let (ctx_p, inner_p, helper_p) = (ctx.clone(), inner.clone(), helper_sender.clone());
             threads
-                .push(spawn_engine_thread("ioe-aio-poll", move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?);
+                .push(start_engine_thread("ioe-aio-poll", move || worker_poll(ctx_p, inner_p, free_sender, helper_p))?);
             let (ctx_s, inner_s, helper_s) = (ctx.clone(), inner.clone(), helper_sender.clone());
-            threads.push(spawn_engine_thread("ioe-aio-submit", move || {
+            threads.push(start_engine_thread("ioe-aio-submit", move || {
                 worker_submit(ctx_s, inner_s, noti_receiver, helper_s)
             })?);
             Ok(())

@@ -165,6 +165,26 @@ where
     })
 }
 
+/// `spawn_engine_thread`, returning once the thread runs under its name, so
+/// that when a constructor returns every thread it started can be seen (in
+/// /proc, a debugger, a profiler) as what it is. For threads started while
+/// creating a context, pool or server, where the caller may wait; not for
+/// threads a poller starts on the fly.
+pub(crate) fn start_engine_thread<F>(name: &str, body: F) -> io::Result<JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    let (running, started) = crossbeam::channel::bounded::<()>(1);
+    let handle = spawn_engine_thread(name, move || {
+        let _ = running.send(());
+        body()
+    })?;
+    // An error means the thread ended without signalling, which only an
+    // abort could do: nothing to wait for either way.
+    let _ = started.recv();
+    Ok(handle)
+}
+
 /// Test-only fault injection: make the n-th next thread spawn fail.
 #[cfg(test)]
 pub(crate) mod fault {

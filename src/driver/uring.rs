@@ -25,7 +25,7 @@ use io_uring::{opcode, IoUring};
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
 use crate::driver::{
-    flush_before, is_resource_shortage, spawn_engine_thread, ActionSet, Backend, Backoff, SlotTable, Started,
+    flush_before, is_resource_shortage, start_engine_thread, ActionSet, Backend, Backoff, SlotTable, Started,
     SubmitLock, SENTINEL_DATA,
 };
 use crate::ring::{probe_opcodes, setup, RingConfig, SqWriter};
@@ -250,13 +250,13 @@ impl UringDriver {
         });
 
         let (ctx_poll, inner_poll) = (ctx.clone(), inner.clone());
-        let poller = spawn_engine_thread("ioe-uring-poll", move || {
+        let poller = start_engine_thread("ioe-uring-poll", move || {
             Poller::new(ctx_poll, inner_poll, free_sender, retry_sender).run()
         })?;
         let (ctx_direct, inner_direct) = (ctx.clone(), inner.clone());
         let inner_submit = inner.clone();
         let submitter =
-            spawn_engine_thread("ioe-uring-submit", move || worker_submit(ctx, inner_submit, noti_receiver));
+            start_engine_thread("ioe-uring-submit", move || worker_submit(ctx, inner_submit, noti_receiver));
         match submitter {
             Ok(submitter) => {
                 ctx_direct.set_direct_submit(Box::new(move |ctx| {

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use crossbeam::channel;
 use parking_lot::Mutex;
 
-use crate::driver::spawn_engine_thread;
+use crate::driver::start_engine_thread;
 use crate::net::acceptor::Acceptor;
 use crate::net::connection::ServerHandler;
 use crate::net::epoll::EpollLoop;
@@ -148,7 +148,7 @@ impl TcpServer {
                 (shared.clone(), self.handler.clone(), self.opts.clone(), ready_tx.clone());
             let accepting = if index == 0 { accepting.take() } else { None };
             let backend = self.backend;
-            let spawned = spawn_engine_thread(&name, move || match backend {
+            let spawned = start_engine_thread(&name, move || match backend {
                 NetBackend::Epoll => match EpollLoop::new(shared, handler, opts, accepting) {
                     Ok(event_loop) => {
                         let _ = ready_tx.send(Ok(0));
