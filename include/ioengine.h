@@ -410,9 +410,11 @@ typedef struct ioe_server_options {
      */
     uint32_t cq_size;
     /**
-     * io_uring: receive buffers per loop, a power of two (default 256),
-     * lent to connections one per receive completion (an idle connection
-     * holds none), and their size (default 16 KiB).
+     * io_uring: receive buffers per loop, a power of two up to 32768
+     * (default 256), lent to connections one per receive completion (an
+     * idle connection holds none), and their size (default 16 KiB, at most
+     * 16 MiB; all of a loop's together at most 1 GiB). Checked on both
+     * backends: -EINVAL otherwise.
      */
     uint32_t recv_buffers;
     uint32_t recv_buffer_size;
@@ -441,7 +443,8 @@ typedef struct ioe_server_options {
  * that owns the connection and must not block; `conn` is valid during the
  * call (keep it with ioe_conn_ref). From a callback every ioe_conn_*
  * function may be called, on any connection; ioe_server_stop and
- * ioe_server_destroy may not (-EDEADLK).
+ * ioe_server_destroy may not (-EDEADLK, also while another thread is
+ * stopping the server), nor ioe_server_start (-EINVAL).
  */
 typedef struct ioe_server_callbacks {
     /**
@@ -457,7 +460,10 @@ typedef struct ioe_server_callbacks {
     size_t (*on_data)(struct ioe_conn *conn, const void *data, size_t len, void *user_data);
     /**
      * The peer sends no more (it closed or shut down its write side).
-     * NULL: the connection closes once its queued output is sent.
+     * The connection stays open for sending until the application closes
+     * it; a reset or error from the peer after this ends it (on_close with
+     * the socket's error), on both backends. NULL: the connection closes
+     * once its queued output is sent.
      */
     void (*on_eof)(struct ioe_conn *conn, void *user_data);
     /**
@@ -494,7 +500,8 @@ typedef struct ioe_net_stats {
      */
     uint64_t accepted;
     /**
-     * Connections closed at once because max_connections were open.
+     * Connections accepted and closed at once, never seen by on_connect:
+     * max_connections were open, or the server was stopping.
      */
     uint64_t rejected;
     /**
@@ -523,9 +530,11 @@ typedef struct ioe_net_stats {
 } ioe_net_stats;
 
 /**
- * Called once a borrowed send is over: `result` is the number of bytes
- * sent or a negative errno (the connection ended first). Runs on the
- * connection's loop thread.
+ * Called once a borrowed send is over: `result` is its length once every
+ * byte has been handed to the kernel, or a negative errno if the
+ * connection ended first (-ECANCELED for an abort or a stop, else the
+ * socket's error; part of it may have gone out). Runs on the connection's
+ * loop thread.
  */
 typedef void (*ioe_send_done)(void *user_data, int64_t result);
 
@@ -878,9 +887,12 @@ int64_t ioe_conn_queued(const struct ioe_conn *conn);
 
 /**
  * Closes once the queued output is sent (after a lingering wait for the
- * peer, see ioe_server_options.linger_ms); further sends get -ENOTCONN
- * and, from the time the output is out, no callback but on_close runs.
- * Any thread. Returns 0 or -EINVAL (NULL); closing twice is harmless.
+ * peer, see ioe_server_options.linger_ms); further sends get -ENOTCONN.
+ * Once it returns, on_data, on_eof, on_high_water and on_write_complete
+ * do not start any more for this connection (data still arriving is
+ * dropped; a callback already running on the loop thread finishes); what
+ * follows is borrowed sends' done callbacks and on_close. Any thread.
+ * Returns 0 or -EINVAL (NULL); closing twice is harmless.
  */
 int ioe_conn_close(struct ioe_conn *conn);
 

@@ -69,9 +69,11 @@ pub struct ioe_server_options {
     /// CQ is sized so that it cannot overflow: 3 entries per connection it
     /// may hold, one per receive buffer, the backlog, a few more.
     pub cq_size: u32,
-    /// io_uring: receive buffers per loop, a power of two (default 256),
-    /// lent to connections one per receive completion (an idle connection
-    /// holds none), and their size (default 16 KiB).
+    /// io_uring: receive buffers per loop, a power of two up to 32768
+    /// (default 256), lent to connections one per receive completion (an
+    /// idle connection holds none), and their size (default 16 KiB, at most
+    /// 16 MiB; all of a loop's together at most 1 GiB). Checked on both
+    /// backends: -EINVAL otherwise.
     pub recv_buffers: u32,
     pub recv_buffer_size: u32,
     /// Lingering close, in milliseconds (default 5000). A graceful close
@@ -94,7 +96,8 @@ pub struct ioe_server_options {
 /// that owns the connection and must not block; `conn` is valid during the
 /// call (keep it with ioe_conn_ref). From a callback every ioe_conn_*
 /// function may be called, on any connection; ioe_server_stop and
-/// ioe_server_destroy may not (-EDEADLK).
+/// ioe_server_destroy may not (-EDEADLK, also while another thread is
+/// stopping the server), nor ioe_server_start (-EINVAL).
 #[repr(C)]
 pub struct ioe_server_callbacks {
     /// A connection was accepted. May be NULL.
@@ -107,7 +110,10 @@ pub struct ioe_server_callbacks {
         unsafe extern "C" fn(conn: *mut ioe_conn, data: *const c_void, len: usize, user_data: *mut c_void) -> usize,
     >,
     /// The peer sends no more (it closed or shut down its write side).
-    /// NULL: the connection closes once its queued output is sent.
+    /// The connection stays open for sending until the application closes
+    /// it; a reset or error from the peer after this ends it (on_close with
+    /// the socket's error), on both backends. NULL: the connection closes
+    /// once its queued output is sent.
     pub on_eof: Option<unsafe extern "C" fn(conn: *mut ioe_conn, user_data: *mut c_void)>,
     /// All queued output was handed to the kernel. May be NULL.
     pub on_write_complete: Option<unsafe extern "C" fn(conn: *mut ioe_conn, user_data: *mut c_void)>,
@@ -129,7 +135,8 @@ pub struct ioe_net_stats {
     pub connections: u64,
     /// Connections accepted since start.
     pub accepted: u64,
-    /// Connections closed at once because max_connections were open.
+    /// Connections accepted and closed at once, never seen by on_connect:
+    /// max_connections were open, or the server was stopping.
     pub rejected: u64,
     /// io_uring: completions a loop's CQ could not keep (0 by design).
     pub cq_overflows: u64,
@@ -531,9 +538,11 @@ pub extern "C" fn ioe_conn_send(conn: *mut ioe_conn, data: *const c_void, len: u
     })
 }
 
-/// Called once a borrowed send is over: `result` is the number of bytes
-/// sent or a negative errno (the connection ended first). Runs on the
-/// connection's loop thread.
+/// Called once a borrowed send is over: `result` is its length once every
+/// byte has been handed to the kernel, or a negative errno if the
+/// connection ended first (-ECANCELED for an abort or a stop, else the
+/// socket's error; part of it may have gone out). Runs on the connection's
+/// loop thread.
 pub type ioe_send_done = Option<unsafe extern "C" fn(user_data: *mut c_void, result: i64)>;
 
 struct BorrowedDone {
@@ -589,9 +598,12 @@ pub extern "C" fn ioe_conn_queued(conn: *const ioe_conn) -> i64 {
 }
 
 /// Closes once the queued output is sent (after a lingering wait for the
-/// peer, see ioe_server_options.linger_ms); further sends get -ENOTCONN
-/// and, from the time the output is out, no callback but on_close runs.
-/// Any thread. Returns 0 or -EINVAL (NULL); closing twice is harmless.
+/// peer, see ioe_server_options.linger_ms); further sends get -ENOTCONN.
+/// Once it returns, on_data, on_eof, on_high_water and on_write_complete
+/// do not start any more for this connection (data still arriving is
+/// dropped; a callback already running on the loop thread finishes); what
+/// follows is borrowed sends' done callbacks and on_close. Any thread.
+/// Returns 0 or -EINVAL (NULL); closing twice is harmless.
 #[no_mangle]
 pub extern "C" fn ioe_conn_close(conn: *mut ioe_conn) -> c_int {
     guard(|| {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use io_uring::squeue::Entry;
 
-use crate::net::event_loop::{LoopShared, Task};
-use crate::net::loop_pool::LoopPool;
+use crate::net::event_loop::LoopShared;
+use crate::net::loop_pool::{Admission, LoopPool};
 use crate::net::op::{accept, cancel, OpKind};
 use crate::net::NetOptions;
 
@@ -129,22 +129,28 @@ impl Acceptor {
     /// Hands a new connection to the next loop with room: returns it if
     /// that loop is the caller's own (`this`), else posts it there. With no
     /// room (max_connections) it is closed and counted as rejected.
-    pub(crate) fn dispatch(&self, fd: OwnedFd, this: &Arc<LoopShared>, opts: &NetOptions) -> Option<OwnedFd> {
+    pub(crate) fn dispatch(&self, fd: OwnedFd, this: &Arc<LoopShared>, opts: &Arc<NetOptions>) -> Option<Admission> {
         dispatch(&self.pool, fd, this, opts)
     }
 }
 
 /// See `Acceptor::dispatch` (the epoll loop's acceptor uses it too).
-pub(crate) fn dispatch(pool: &LoopPool, fd: OwnedFd, this: &Arc<LoopShared>, opts: &NetOptions) -> Option<OwnedFd> {
-    let Some(target) = pool.admit(opts) else {
-        this.counters.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return None; // dropping the descriptor closes the connection
+pub(crate) fn dispatch(
+    pool: &LoopPool,
+    fd: OwnedFd,
+    this: &Arc<LoopShared>,
+    opts: &Arc<NetOptions>,
+) -> Option<Admission> {
+    let admission = match pool.admit(fd, opts) {
+        Ok(admission) => admission,
+        Err(_closed_on_drop) => {
+            this.counters.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
     };
-    if Arc::ptr_eq(&target, this) {
-        return Some(fd);
+    if admission.owned_by(this) {
+        return Some(admission);
     }
-    target.post(Task::Adopt(fd));
+    admission.post();
     None
 }
-
-impl Acceptor {}

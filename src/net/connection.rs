@@ -499,8 +499,16 @@ impl ConnState {
     /// Hands received bytes to the application: straight from `data` when
     /// nothing was left over, else after the kept tail. Keeps what it did
     /// not consume.
+    /// Whether the application has heard the last of this connection but
+    /// for on_close (and borrowed sends' done): it is closing, lingering, or
+    /// the application asked to close it (from any thread, so data or end
+    /// of file the loop meets after that call is not handed over).
+    pub(crate) fn silent(&self) -> bool {
+        self.closing || self.lingering || self.handle.close_request() as u8 >= CloseRequest::Graceful as u8
+    }
+
     pub(crate) fn deliver(&mut self, handler: &dyn ServerHandler, data: &[u8]) {
-        if self.closing || self.lingering || data.is_empty() {
+        if data.is_empty() || self.silent() {
             return;
         }
         if self.input.is_empty() {
@@ -521,7 +529,7 @@ impl ConnState {
 
     /// Runs the high-water and write-complete callbacks that are due.
     pub(crate) fn output_callbacks(&mut self, handler: &dyn ServerHandler, high_water: usize, idle: bool) {
-        if self.closing || self.lingering {
+        if self.silent() {
             return;
         }
         let queued = self.handle.queued_bytes();
@@ -623,6 +631,11 @@ pub(crate) struct ConnTable<T> {
 impl<T> ConnTable<T> {
     pub(crate) fn new() -> Self {
         ConnTable { slots: Vec::new(), generations: Vec::new(), free: Vec::new(), live: 0 }
+    }
+
+    /// Gives back a slot from `reserve` that no connection took.
+    pub(crate) fn unreserve(&mut self, slot: u32) {
+        self.free.push(slot);
     }
 
     /// A free slot and the generation of the connection that will take it.

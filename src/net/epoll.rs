@@ -19,7 +19,7 @@ use crate::net::connection::{
 };
 use crate::net::event_loop::{LoopShared, Task};
 use crate::net::linger::{self, LingerQueue};
-use crate::net::loop_pool::LoopPool;
+use crate::net::loop_pool::{Admission, LoopPool};
 use crate::net::op::send::MAX_SEGMENTS;
 use crate::net::op::{accept, OpKind, OpTag};
 use crate::net::{socket, NetOptions};
@@ -265,30 +265,26 @@ impl EpollLoop {
             // SAFETY: accept4 just created this descriptor for us.
             let fd = unsafe { OwnedFd::from_raw_fd(raw) };
             self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-            if let Some(fd) = dispatch(&acceptor.pool, fd, &self.shared, &self.opts) {
-                self.adopt(fd);
+            if let Some(admission) = dispatch(&acceptor.pool, fd, &self.shared, &self.opts) {
+                self.adopt(admission);
             }
         }
     }
 
     // --- connections -------------------------------------------------------
 
-    fn adopt(&mut self, fd: OwnedFd) {
-        // The acceptor counted it in (`LoopPool::admit`).
+    fn adopt(&mut self, admission: Admission) {
         if self.stopping {
-            self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            self.opts.release(&self.shared);
-            return;
+            return; // dropping the admission closes and counts it
         }
         let (slot, generation) = self.conns.reserve();
-        let raw = fd.as_raw_fd();
+        let raw = admission.raw_fd();
         let tag = OpTag::conn_op(OpKind::Recv, slot, generation);
         if self.control(libc::EPOLL_CTL_ADD, raw, (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, tag).is_err() {
-            self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            self.opts.release(&self.shared);
-            return;
+            self.conns.unreserve(slot);
+            return; // as above
         }
-        std::mem::forget(fd); // the table owns it now; closed in `close`
+        std::mem::forget(admission.take()); // the table owns it now; closed in `close`
         if self.opts.nodelay {
             let _ = socket::set_int_option(raw, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
         }
@@ -306,18 +302,7 @@ impl EpollLoop {
         if c.state.eof && flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0 {
             // After end of file epoll keeps reporting HUP/ERR (they cannot be
             // masked): the connection is over, with the socket's error if any.
-            let mut error: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: getsockopt into a c_int on our stack of the size given.
-            unsafe {
-                libc::getsockopt(
-                    c.state.fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_ERROR,
-                    &mut error as *mut libc::c_int as *mut libc::c_void,
-                    &mut len,
-                )
-            };
+            let error = socket::pending_error(c.state.fd);
             self.close(tag.slot, error, error != 0);
             return;
         }
@@ -346,7 +331,7 @@ impl EpollLoop {
             let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
             let _ = self.control(libc::EPOLL_CTL_MOD, fd, events, OpTag::conn_op(OpKind::Recv, slot, generation));
             let Some(c) = self.conns.slot(slot) else { return };
-            if !c.state.lingering {
+            if !c.state.silent() {
                 guarded((), || handler.on_eof(&c.state.handle));
             }
             if c.state.write_shut {
@@ -461,14 +446,15 @@ impl EpollLoop {
             self.shared.counters.lingering.fetch_sub(1, Ordering::Relaxed);
         }
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
-        let partial = c.sending.offset;
-        for (i, segment) in c.sending.segments.into_iter().enumerate() {
-            let _ = segment.finish(if i == 0 && partial > 0 { Ok(partial) } else { outcome() });
+        for segment in c.sending.segments {
+            let _ = segment.finish(outcome());
         }
         for segment in c.state.handle.mark_closed() {
             let _ = segment.finish(outcome());
         }
-        guarded((), || self.handler.on_close(&c.state.handle, error));
+        // Counted out first: once on_close runs, the stats and
+        // max_connections no longer see it.
         self.opts.release(&self.shared);
+        guarded((), || self.handler.on_close(&c.state.handle, error));
     }
 }

@@ -19,7 +19,9 @@ use crate::net::connection::{
     guarded, sent, with_receive_window, CloseRequest, ConnState, ConnTable, Connection, ReceiveWindow, Segment,
     Sending, ServerHandler, Settled,
 };
+use crate::net::eof_watch::EofWatch;
 use crate::net::linger::{self, LingerQueue};
+use crate::net::loop_pool::Admission;
 use crate::net::op::{accept, cancel, recv, send, timer, OpKind, OpTag};
 use crate::net::NetOptions;
 use crate::ring::{probe_opcodes, setup, RingConfig};
@@ -32,7 +34,7 @@ thread_local! {
 /// Work handed to a loop.
 pub(crate) enum Task {
     /// A new connection for this loop.
-    Adopt(OwnedFd),
+    Adopt(Admission),
     /// A connection of this loop has output or a close request.
     Kick(Connection),
     /// Close every connection and end the loop.
@@ -56,8 +58,13 @@ pub(crate) struct LoopCounters {
 pub(crate) struct LoopShared {
     tasks: SegQueue<Task>,
     /// eventfd: written by other threads, read by an armed read on the ring
-    /// (io_uring) or watched by epoll.
-    wake: OwnedFd,
+    /// (io_uring) or watched by epoll. Closed when the server stops (this
+    /// outlives the loop: stats, and connection handles users keep); the
+    /// lock keeps a poster from writing to the number once it is closed and
+    /// maybe reused. Posters take it only to write a wake-up.
+    wake: parking_lot::RwLock<Option<OwnedFd>>,
+    /// The descriptor, for the loop's own thread while it runs.
+    wake_raw: RawFd,
     /// A wake-up is on its way: later posters need not write the eventfd.
     notified: AtomicBool,
     /// The loop has ended: tasks posted from now on are dropped (a task may
@@ -77,7 +84,8 @@ impl LoopShared {
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
         Ok(Arc::new(LoopShared {
             tasks: SegQueue::new(),
-            wake,
+            wake_raw: wake.as_raw_fd(),
+            wake: parking_lot::RwLock::new(Some(wake)),
             notified: AtomicBool::new(false),
             exited: AtomicBool::new(false),
             counters: LoopCounters::default(),
@@ -94,20 +102,24 @@ impl LoopShared {
             self.drop_tasks();
             return;
         }
-        if CURRENT_LOOP.with(|c| c.get()) == self as *const LoopShared as usize {
+        if self.is_current() {
             return;
         }
         if !self.notified.swap(true, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: an 8-byte write from our stack to our eventfd; it can only
-            // fail with EAGAIN when the counter is saturated, and then the loop
-            // is woken anyway.
-            let _ = unsafe { libc::write(self.wake.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+            let wake = self.wake.read();
+            if let Some(fd) = wake.as_ref() {
+                let one: u64 = 1;
+                // SAFETY: an 8-byte write from our stack to our eventfd (open while
+                // the read lock is held); it can only fail with EAGAIN when the
+                // counter is saturated, and then the loop is woken anyway.
+                let _ = unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const libc::c_void, 8) };
+            }
         }
     }
 
+    /// For the loop's own thread, which runs before `close`.
     pub(crate) fn wake_fd(&self) -> RawFd {
-        self.wake.as_raw_fd()
+        self.wake_raw
     }
 
     /// The loop took the wake-up: posts from now on wake it again. Must
@@ -120,14 +132,21 @@ impl LoopShared {
         self.tasks.pop()
     }
 
-    /// After the loop ended: no task will run any more.
+    /// After the loop ended (its thread joined): no task will run any more,
+    /// and the eventfd closes.
     pub(crate) fn close(&self) {
         self.exited.store(true, Ordering::SeqCst);
         self.drop_tasks();
+        drop(self.wake.write().take());
     }
 
     fn drop_tasks(&self) {
         while self.tasks.pop().is_some() {}
+    }
+
+    /// Whether the calling thread is this loop's.
+    pub(crate) fn is_current(&self) -> bool {
+        CURRENT_LOOP.with(|c| c.get()) == self as *const LoopShared as usize
     }
 
     /// Marks the calling thread as this loop's, for its lifetime.
@@ -160,6 +179,8 @@ struct UringConn {
     /// Where a send of several segments keeps its iovecs (made on first use).
     gather: Option<Box<send::Gather>>,
     cancel_sent: bool,
+    /// In the loop's set of half-closed sockets (`EofWatch`).
+    eof_watched: bool,
 }
 
 /// How the loop receives.
@@ -182,6 +203,7 @@ pub(crate) struct UringLoop {
     lingering: LingerQueue,
     linger_timespec: Box<io_uring::types::Timespec>,
     linger_timer_armed: bool,
+    eof_watch: EofWatch,
     shared: Arc<LoopShared>,
     handler: Arc<dyn ServerHandler>,
     opts: Arc<NetOptions>,
@@ -237,12 +259,13 @@ pub(crate) fn build_ring(opts: &NetOptions, max_conns: usize) -> io::Result<(IoU
 }
 
 /// Completion entries a loop needs so that its CQ cannot overflow: per
-/// connection at most a receive's final completion, a send and a cancel;
+/// connection at most a receive's final completion, a send and a cancel
+/// (or two, one per operation, on kernels without cancel by descriptor);
 /// receive completions carrying data at most one per provided buffer (a
 /// buffer comes back only once its completion was reaped); the accepts a
 /// full backlog can produce; and a few loop operations.
 pub(crate) fn cq_entries_for(max_conns: usize, recv_buffers: usize, backlog: usize) -> u32 {
-    let need = 3 * max_conns + recv_buffers + backlog + 16;
+    let need = 4 * max_conns + recv_buffers + backlog + 16;
     need.next_power_of_two().clamp(64, crate::ring::MAX_CQ_ENTRIES as usize) as u32
 }
 
@@ -266,6 +289,7 @@ impl UringLoop {
             lingering: LingerQueue::new(opts.linger),
             linger_timespec: Box::new(io_uring::types::Timespec::new()),
             linger_timer_armed: false,
+            eof_watch: EofWatch::new(),
             shared,
             handler,
             opts,
@@ -356,6 +380,11 @@ impl UringLoop {
             self.push(&entry);
             self.loop_ops += 1;
         }
+        if self.eof_watch.armed {
+            let entry = cancel::prepare_loop_op(OpKind::EofWatch);
+            self.push(&entry);
+            self.loop_ops += 1;
+        }
         while self.loop_ops > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -398,6 +427,7 @@ impl UringLoop {
             OpKind::Send => self.on_send(tag, result),
             OpKind::Cancel => self.on_cancel(tag, result),
             OpKind::LingerTimer => self.on_linger_timer(),
+            OpKind::EofWatch => self.on_eof_watch(result),
         }
     }
 
@@ -468,8 +498,8 @@ impl UringLoop {
         match outcome {
             AcceptOutcome::Connection(fd, rearm) => {
                 self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                if let Some(fd) = acceptor.dispatch(fd, &self.shared, &self.opts) {
-                    self.adopt(fd);
+                if let Some(admission) = acceptor.dispatch(fd, &self.shared, &self.opts) {
+                    self.adopt(admission);
                 }
                 if let Some(entry) = rearm {
                     self.push(&entry);
@@ -505,13 +535,11 @@ impl UringLoop {
     }
 
     /// Takes a new connection into the loop's table and starts receiving.
-    fn adopt(&mut self, fd: OwnedFd) {
-        // The acceptor counted it in (`LoopPool::admit`).
+    fn adopt(&mut self, admission: Admission) {
         if self.stopping {
-            self.shared.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            self.opts.release(&self.shared);
-            return; // dropping the descriptor closes the connection
+            return; // dropping the admission closes and counts it
         }
+        let fd = admission.take();
         let (slot, generation) = self.conns.reserve();
         let raw = fd.as_raw_fd();
         std::mem::forget(fd); // the table owns it now; closed in finish_close
@@ -531,6 +559,7 @@ impl UringLoop {
                 send_busy: false,
                 gather: None,
                 cancel_sent: false,
+                eof_watched: false,
             },
         );
         guarded((), || self.handler.on_connect(&handle));
@@ -604,7 +633,7 @@ impl UringLoop {
             }
         } else if result == 0 {
             c.state.eof = true;
-            if !c.state.closing && !c.state.lingering {
+            if !c.state.silent() {
                 guarded((), || handler.on_eof(&c.state.handle));
             }
             if c.state.write_shut && !c.state.closing {
@@ -631,8 +660,56 @@ impl UringLoop {
                 if !more && result > 0 {
                     self.arm_recv(tag.slot);
                 }
+                if result == 0 {
+                    self.watch_eof(tag.slot);
+                }
                 self.pump(tag.slot);
             }
+        }
+    }
+
+    /// After the peer's end of file: watch the socket for a later reset
+    /// (see `EofWatch`). If it cannot be watched, a reset shows at the next
+    /// send, as it would without the watch.
+    fn watch_eof(&mut self, slot: u32) {
+        let Some(c) = self.conns.slot(slot) else { return };
+        if c.state.closing || c.eof_watched {
+            return;
+        }
+        let tag = OpTag::conn_op(OpKind::Recv, slot, c.state.handle.0.generation);
+        if let Ok(poll) = self.eof_watch.watch(c.state.fd, tag) {
+            c.eof_watched = true;
+            if let Some(entry) = poll {
+                self.push(&entry);
+                self.loop_ops += 1;
+            }
+        }
+    }
+
+    /// Half-closed sockets failed or hung up: each leaves the set (epoll
+    /// would report it again and again) and its connection ends with the
+    /// socket's error, as on the epoll backend.
+    fn on_eof_watch(&mut self, result: i32) {
+        self.loop_ops -= 1;
+        self.eof_watch.armed = false;
+        if self.exiting || result == -libc::ECANCELED {
+            return;
+        }
+        for tag in self.eof_watch.ready() {
+            let Some(c) = self.conns.get(tag.slot, tag.generation) else { continue };
+            if !c.eof_watched {
+                continue;
+            }
+            c.eof_watched = false;
+            self.eof_watch.unwatch(c.state.fd);
+            if !c.state.closing {
+                let error = crate::net::socket::pending_error(c.state.fd);
+                self.begin_close(tag.slot, error, error != 0);
+            }
+        }
+        if let Some(entry) = self.eof_watch.arm() {
+            self.push(&entry);
+            self.loop_ops += 1;
         }
     }
 
@@ -834,19 +911,23 @@ impl UringLoop {
         // SAFETY: the descriptor is ours (adopted from the acceptor) and no
         // operation is in flight on it any more.
         unsafe { libc::close(c.state.fd) };
+        if c.eof_watched {
+            self.eof_watch.forget(); // the close took it out of the set
+        }
         if c.state.lingering {
             self.shared.counters.lingering.fetch_sub(1, Ordering::Relaxed);
         }
         let error = c.state.error;
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
-        let partial = c.sending.offset;
-        for (i, segment) in c.sending.segments.into_iter().enumerate() {
-            self.finish_segment(segment, if i == 0 && partial > 0 { Ok(partial) } else { outcome() });
+        for segment in c.sending.segments {
+            self.finish_segment(segment, outcome());
         }
         for segment in c.state.handle.mark_closed() {
             self.finish_segment(segment, outcome());
         }
-        guarded((), || self.handler.on_close(&c.state.handle, error));
+        // Counted out first: once on_close runs, the stats and
+        // max_connections no longer see it.
         self.opts.release(&self.shared);
+        guarded((), || self.handler.on_close(&c.state.handle, error));
     }
 }

@@ -1,11 +1,57 @@
 //! EventLoopThreadPool (seed 3.4): the loops that serve connections, and
 //! the round-robin choice of the next one for a new connection.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::net::event_loop::LoopShared;
+use crate::net::event_loop::{LoopShared, Task};
 use crate::net::NetOptions;
+
+/// A new connection counted in for its loop (`LoopPool::admit`) and on its
+/// way there. Whatever path drops it without the loop taking it (the loop
+/// is stopping or has ended, epoll refused the descriptor) closes the
+/// connection, counts it as rejected and gives its place back, so the
+/// server's counts always balance.
+pub(crate) struct Admission {
+    fd: Option<OwnedFd>,
+    opts: Arc<NetOptions>,
+    owner: Arc<LoopShared>,
+}
+
+impl Admission {
+    /// The loop takes the connection: from now on it releases the place
+    /// when the connection closes.
+    pub(crate) fn take(mut self) -> OwnedFd {
+        match self.fd.take() {
+            Some(fd) => fd,
+            None => unreachable!("an admission is taken once"),
+        }
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+
+    pub(crate) fn owned_by(&self, this: &Arc<LoopShared>) -> bool {
+        Arc::ptr_eq(&self.owner, this)
+    }
+
+    /// Hands it to its loop (which may have ended: the task is then dropped).
+    pub(crate) fn post(self) {
+        let owner = self.owner.clone();
+        owner.post(Task::Adopt(self));
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.fd.take().is_some() {
+            self.owner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.opts.release(&self.owner);
+        }
+    }
+}
 
 pub(crate) struct LoopPool {
     loops: Vec<Arc<LoopShared>>,
@@ -26,9 +72,17 @@ impl LoopPool {
     }
 
     /// Admits a new connection: the next loop in turn that has room takes
-    /// it, counted at once (the loop releases it when it closes). None when
-    /// the server holds `max_connections` or no loop has room.
-    pub(crate) fn admit(&self, opts: &NetOptions) -> Option<Arc<LoopShared>> {
+    /// it, counted at once (the loop releases it when it closes). Gives the
+    /// descriptor back when the server holds `max_connections` or no loop
+    /// has room.
+    pub(crate) fn admit(&self, fd: OwnedFd, opts: &Arc<NetOptions>) -> Result<Admission, OwnedFd> {
+        match self.admit_loop(opts) {
+            Some(owner) => Ok(Admission { fd: Some(fd), opts: opts.clone(), owner }),
+            None => Err(fd),
+        }
+    }
+
+    fn admit_loop(&self, opts: &NetOptions) -> Option<Arc<LoopShared>> {
         if opts.open.fetch_add(1, Ordering::SeqCst) >= opts.max_connections {
             opts.open.fetch_sub(1, Ordering::SeqCst);
             return None;

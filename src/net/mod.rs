@@ -7,6 +7,7 @@
 pub(crate) mod acceptor;
 pub(crate) mod buf_ring;
 pub mod connection;
+pub(crate) mod eof_watch;
 pub(crate) mod epoll;
 pub(crate) mod event_loop;
 pub(crate) mod linger;
@@ -87,7 +88,8 @@ pub struct ServerOptions {
     /// TCP_NODELAY on accepted connections.
     pub nodelay: bool,
     /// io_uring: receive buffers per loop (a power of two, at most 32768)
-    /// and their size; connections take one per receive completion.
+    /// and their size (at most 16 MiB, and at most 1 GiB for all of a
+    /// loop's); connections take one per receive completion.
     pub recv_buffers: u16,
     pub recv_buffer_size: u32,
     /// io_uring: submission queue entries per loop.
@@ -133,7 +135,12 @@ impl ServerOptions {
         if self.max_connections == 0 || self.backlog <= 0 || self.high_water == 0 || self.threads > 1024 {
             return invalid();
         }
-        if !self.recv_buffers.is_power_of_two() || self.recv_buffers > 32768 || self.recv_buffer_size == 0 {
+        if !self.recv_buffers.is_power_of_two()
+            || self.recv_buffers > 32768
+            || self.recv_buffer_size == 0
+            || self.recv_buffer_size > MAX_RECV_BUFFER_SIZE
+            || u64::from(self.recv_buffers) * u64::from(self.recv_buffer_size) > MAX_RECV_RING_BYTES
+        {
             return invalid();
         }
         if self.sq_entries == 0 || self.sq_entries > 32768 {
@@ -150,6 +157,12 @@ impl ServerOptions {
         Ok(())
     }
 }
+
+/// Largest receive buffer: far above what one receive fills on a socket,
+/// far below the kernel's limit on one transfer (INT_MAX).
+pub(crate) const MAX_RECV_BUFFER_SIZE: u32 = 16 << 20;
+/// Most memory one loop's receive buffers may take together.
+pub(crate) const MAX_RECV_RING_BYTES: u64 = 1 << 30;
 
 /// What every loop of a server works with.
 #[derive(Debug)]

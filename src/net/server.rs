@@ -28,7 +28,8 @@ pub struct ServerStats {
     pub connections: u64,
     /// Connections accepted since start.
     pub accepted: u64,
-    /// Connections closed at once because `max_connections` were open.
+    /// Connections accepted and closed at once, never seen by `on_connect`:
+    /// `max_connections` were open, or the server was stopping.
     pub rejected: u64,
     /// io_uring: completions the kernel could not keep in a loop's CQ
     /// (zero by design).
@@ -121,8 +122,18 @@ impl TcpServer {
         })
     }
 
+    /// Whether the calling thread is one of this server's loops (so inside
+    /// one of its callbacks). Checked before taking `state`, which a stop
+    /// holds while it waits for these threads.
+    fn on_own_loop(&self) -> bool {
+        self.loops.lock().iter().any(|l| l.is_current())
+    }
+
     /// Starts the loops and accepting. EINVAL if already started or stopped.
     pub fn start(&self) -> io::Result<()> {
+        if self.on_own_loop() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let mut state = self.state.lock();
         let listener = match std::mem::replace(&mut *state, State::Stopped) {
             State::Bound(listener) => listener,
@@ -201,15 +212,12 @@ impl TcpServer {
     /// runs with ECANCELED), the loops end and their threads are joined.
     /// Idempotent. EDEADLK from one of the server's own loop threads.
     pub fn stop(&self) -> io::Result<()> {
+        if self.on_own_loop() {
+            return Err(io::Error::from_raw_os_error(libc::EDEADLK));
+        }
         let mut state = self.state.lock();
         match std::mem::replace(&mut *state, State::Stopped) {
-            State::Running(running) => {
-                if running.threads.iter().any(|t| t.thread().id() == std::thread::current().id()) {
-                    *state = State::Running(running);
-                    return Err(io::Error::from_raw_os_error(libc::EDEADLK));
-                }
-                Self::shut(running);
-            }
+            State::Running(running) => Self::shut(running),
             State::Bound(listener) => drop(listener),
             State::Stopped => {}
         }

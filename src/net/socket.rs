@@ -144,6 +144,27 @@ pub(crate) fn set_reset_on_close(fd: RawFd) {
     };
 }
 
+/// The socket's pending error (SO_ERROR, which reading clears), 0 if none.
+pub(crate) fn pending_error(fd: RawFd) -> i32 {
+    let mut error: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int on our stack of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut error as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        0
+    } else {
+        error
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,8 @@
 //! changes every time a slot is reused, so a completion for a connection
 //! that has since closed (its fd number perhaps reused) is recognised and
 //! dropped instead of reaching the new connection. Loop-level operations
-//! (the wake-up read, the acceptor, its retry timer, the linger timer) use slot 0 and
-//! generation 0 and are told apart by kind.
+//! (the wake-up read, the acceptor, its retry timer, the linger timer,
+//! the watch of half-closed sockets) use slot 0 and generation 0 and are told apart by kind.
 
 pub(crate) mod accept;
 pub(crate) mod cancel;
@@ -34,6 +34,8 @@ pub(crate) enum OpKind {
     Cancel = 6,
     /// The loop's timer for lingering closes whose time is up.
     LingerTimer = 7,
+    /// The loop's poll on its set of half-closed sockets (`EofWatch`).
+    EofWatch = 8,
 }
 
 impl OpKind {
@@ -46,6 +48,7 @@ impl OpKind {
             5 => OpKind::Send,
             6 => OpKind::Cancel,
             7 => OpKind::LingerTimer,
+            8 => OpKind::EofWatch,
             _ => return None,
         })
     }
@@ -96,6 +99,7 @@ mod tests {
             OpKind::Send,
             OpKind::Cancel,
             OpKind::LingerTimer,
+            OpKind::EofWatch,
         ] {
             for (slot, generation) in [(0, 0), (7, 1), (u32::MAX, GENERATION_MASK), (12, GENERATION_MASK + 5)] {
                 let tag = OpTag::conn_op(kind, slot, generation);
