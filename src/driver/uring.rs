@@ -135,6 +135,17 @@ impl<C: IOCallbackCustom> UringInner<C> {
         let _ = ctx.noti_sender.try_send(());
     }
 
+    /// Submits whatever is published in the SQ; returns how many entries
+    /// the kernel took. Needs no lock (see `worker_submit`).
+    fn enter_published(&self) -> io::Result<usize> {
+        loop {
+            match self.ring.submitter().submit() {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                other => return other,
+            }
+        }
+    }
+
     fn wake_idle_poller(&self) {
         if let Some((wake, _)) = &self.idle_wake {
             let _ = wake.try_send(());
@@ -365,22 +376,37 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
         // Take the pending wake-up first: anything queued after this point
         // sends a new one, so the waits below cannot miss work.
         let _ = noti.try_recv();
-        let (out_of_slots, refused, taken) = {
+        let (out_of_slots, pending, taken) = {
             let mut state = inner.submit.lock_for_step();
             let (mut sq, taken) = submit_step(&ctx, &inner, &mut state);
-            let refused = match sq.submit() {
-                Ok(()) => {
+            let pending = sq.publish();
+            (state.free.is_empty(), pending, taken)
+        };
+        // The kernel call goes without the lock: reads the page cache can
+        // serve are copied inside it, and meanwhile the poller can write
+        // the next entries (it publishes them; they go with this call or
+        // the next). Entering only reads the ring's head and tail.
+        let refused = pending > 0
+            && match inner.enter_published() {
+                Ok(consumed) if consumed > 0 || inner.sqpoll => {
                     inner.stalled.store(false, Ordering::SeqCst);
                     inner.wake_idle_poller();
+                    if consumed < pending && !inner.sqpoll {
+                        // A pass that ended early (a kernel without
+                        // SUBMIT_ALL met an entry failing at preparation):
+                        // submit the rest at once.
+                        continue;
+                    }
                     false
                 }
+                // Published entries the kernel took none of (another thread
+                // submitted them first, or the kernel refused quietly).
+                Ok(_) => false,
                 Err(e) => {
                     inner.stall(&ctx, &e);
                     true
                 }
             };
-            (state.free.is_empty(), refused, taken)
-        };
         if refused {
             // The kernel is short of memory: entries wait in the SQ (their
             // slots stay busy, so nothing is lost) until it takes them.
@@ -487,6 +513,93 @@ fn hand_back<C: IOCallbackCustom>(
     unsubmitted
 }
 
+/// Who runs the `io_uring_enter` that submits inline callbacks'
+/// follow-ups.
+///
+/// Reads the page cache can serve complete inside the `io_uring_enter`
+/// that submits them: the kernel copies the data there. When the poller
+/// submits its inline callbacks' follow-ups itself (the default: fewest
+/// wake-ups, lowest latency, least CPU when the device does the work), one
+/// thread then does the copies, the reaping and the callbacks while the
+/// submitter thread idles. Split, the poller only writes the entries and
+/// wakes the submitter thread, which enters the kernel (and copies) while
+/// the poller reaps and runs callbacks: two cores instead of one.
+///
+/// The poller splits when both hold, and goes back when either fails:
+/// - many requests are outstanding (in flight or queued), so there is work
+///   to overlap; at a small depth a hand-over only adds a wake-up per I/O;
+/// - sampled submissions complete inline: every `SAMPLE_EVERY`th pass that
+///   submits (only while much is outstanding), the poller submits without
+///   waiting and counts the completions there when the call returns:
+///   nearly all for the page cache, almost none for a device. Split, it
+///   samples rarely (a sample contends with the submitter thread for the
+///   ring's lock).
+struct SplitPolicy {
+    /// Inline callbacks on a ring without SQPOLL or IOPOLL.
+    allowed: bool,
+    active: bool,
+    /// Submitting passes until the next sample.
+    until_sample: u32,
+    /// Requests outstanding (in flight or queued) as a batch of
+    /// completions arrives, moving average (fixed point, `ONE`).
+    batch: u32,
+    /// Recent samples, +1 inline, -1 not, kept within -2..=2.
+    votes: i32,
+}
+
+impl SplitPolicy {
+    const ONE: u32 = 256;
+    const SAMPLE_EVERY: u32 = 16;
+    const SAMPLE_EVERY_SPLIT: u32 = 256;
+    /// Outstanding requests to split at, and to stay split.
+    const ENTER_BATCH: u32 = 24 * Self::ONE;
+    const LEAVE_BATCH: u32 = 12 * Self::ONE;
+
+    fn new(allowed: bool) -> Self {
+        SplitPolicy { allowed, active: false, until_sample: Self::SAMPLE_EVERY, batch: Self::ONE, votes: 0 }
+    }
+
+    /// After each pass's batch of completions, with the requests that
+    /// were outstanding as it arrived.
+    fn note_batch(&mut self, completions: usize, outstanding: usize) {
+        if !self.allowed || completions == 0 {
+            return;
+        }
+        self.batch = average(self.batch, outstanding.min(1 << 16) as u32 * Self::ONE);
+        if self.active && self.batch < Self::LEAVE_BATCH {
+            self.active = false;
+            self.until_sample = self.until_sample.min(Self::SAMPLE_EVERY);
+        }
+    }
+
+    /// Before a pass that submits: whether to sample it.
+    fn sample_due(&mut self) -> bool {
+        if !self.allowed || (!self.active && self.batch < Self::ENTER_BATCH) {
+            return false;
+        }
+        self.until_sample -= 1;
+        if self.until_sample > 0 {
+            return false;
+        }
+        self.until_sample = if self.active { Self::SAMPLE_EVERY_SPLIT } else { Self::SAMPLE_EVERY };
+        true
+    }
+
+    fn record_sample(&mut self, submitted: usize, completed_inline: usize) {
+        let inline = completed_inline * 2 >= submitted;
+        self.votes = (self.votes + if inline { 1 } else { -1 }).clamp(-2, 2);
+        self.active = if self.active { self.votes > 0 } else { self.votes == 2 && self.batch >= Self::ENTER_BATCH };
+        if !self.active {
+            self.until_sample = self.until_sample.min(Self::SAMPLE_EVERY);
+        }
+    }
+}
+
+/// A moving average over about eight samples.
+fn average(old: u32, new: u32) -> u32 {
+    ((old as u64 * 7 + new as u64) / 8) as u32
+}
+
 /// The poller thread's state.
 struct Poller<C: IOCallbackCustom> {
     ctx: Arc<IoSharedContext<C>>,
@@ -498,6 +611,7 @@ struct Poller<C: IOCallbackCustom> {
     /// The last `io_uring_enter` consumed fewer entries than it was given.
     leftover: bool,
     exiting: bool,
+    split: SplitPolicy,
 }
 
 impl<C: IOCallbackCustom> Poller<C> {
@@ -508,7 +622,8 @@ impl<C: IOCallbackCustom> Poller<C> {
         retry_sender: Sender<u32>,
     ) -> Self {
         let freed = Vec::with_capacity(ctx.depth);
-        Poller { ctx, inner, free_sender, retry_sender, freed, leftover: false, exiting: false }
+        let split = SplitPolicy::new(ctx.cb_workers.is_inline() && !inner.sqpoll && !inner.iopoll);
+        Poller { ctx, inner, free_sender, retry_sender, freed, leftover: false, exiting: false, split }
     }
 
     fn run(mut self) {
@@ -536,6 +651,11 @@ impl<C: IOCallbackCustom> Poller<C> {
                 cq.sync();
                 self.complete_one(cqe.user_data(), cqe.result());
             }
+            // Outstanding as the batch arrived: in slots (the batch's slots
+            // are already free) and queued for one.
+            let outstanding =
+                self.ctx.depth - self.ctx.free_slots_count.load(Ordering::Relaxed) + batch + self.ctx.ready_count();
+            self.split.note_batch(batch, outstanding);
             let dropped = cq.overflow();
             if dropped != dropped_seen {
                 // Completions the kernel could not keep: impossible by the
@@ -547,15 +667,37 @@ impl<C: IOCallbackCustom> Poller<C> {
             }
             cq.sync();
             let more_ready = !cq.is_empty();
+
             if self.exiting && !more_ready && self.ctx.free_slots_count.load(Ordering::SeqCst) == self.ctx.depth {
                 return;
             }
             // Give the freed slots back and submit what the batch queued
             // (follow-ups, retries) before reaping more, so the device never
             // waits for this loop.
-            let to_submit = self.hand_back(Hand::Publish);
+            let mut to_submit = self.hand_back(Hand::Publish);
             if more_ready && to_submit == 0 {
                 continue;
+            }
+            if to_submit > 0 && self.split.sample_due() {
+                // Submit without waiting, and count what completed inside
+                // the call.
+                let before = cq.len();
+                // SAFETY: plain io_uring_enter with no argument pointer.
+                match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, 0, 0, None) } {
+                    Ok(consumed) => {
+                        self.leftover = consumed < to_submit;
+                        cq.sync();
+                        self.split.record_sample(consumed, cq.len().saturating_sub(before));
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => self.inner.stall(&self.ctx, &e),
+                }
+                continue;
+            }
+            if to_submit > 0 && self.split.active {
+                // The submitter thread enters the kernel for them.
+                self.kick_submitter();
+                to_submit = 0;
             }
             if to_submit == 0 && self.inner.iopoll && self.idle_on_iopoll(&mut cq) {
                 continue;
@@ -565,14 +707,16 @@ impl<C: IOCallbackCustom> Poller<C> {
             let (min_complete, flags) = if more_ready { (0, 0) } else { (1, ENTER_GETEVENTS) };
             // SAFETY: plain io_uring_enter with no argument pointer.
             match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, min_complete, flags, None) } {
-                Ok(consumed) if consumed < to_submit => {
-                    // The kernel ended its pass early (a kernel without
-                    // SUBMIT_ALL met an entry failing at preparation), or
-                    // another thread submitted meanwhile: the next hand-back
-                    // submits whatever is left. The call did not wait.
-                    self.leftover = true;
+                Ok(consumed) => {
+                    if consumed < to_submit {
+                        // The kernel ended its pass early (a kernel without
+                        // SUBMIT_ALL met an entry failing at preparation), or
+                        // another thread submitted meanwhile: the next
+                        // hand-back submits whatever is left. The call did
+                        // not wait.
+                        self.leftover = true;
+                    }
                 }
-                Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
                     // Entries this call did not take stay in the ring for the
@@ -590,7 +734,20 @@ impl<C: IOCallbackCustom> Poller<C> {
 
     fn hand_back(&mut self, hand: Hand) -> usize {
         let leftover = std::mem::take(&mut self.leftover);
+        if hand == Hand::SubmitNow && self.split.active {
+            // Mid-batch, split: the submitter thread submits them.
+            if hand_back(&self.ctx, &self.inner, &mut self.freed, &self.free_sender, Hand::Publish, leftover) > 0 {
+                self.kick_submitter();
+            }
+            return 0;
+        }
         hand_back(&self.ctx, &self.inner, &mut self.freed, &self.free_sender, hand, leftover)
+    }
+
+    /// Wakes the submitter thread to submit what is published in the SQ
+    /// (its next step submits everything there).
+    fn kick_submitter(&self) {
+        let _ = self.ctx.noti_sender.try_send(());
     }
 
     /// Applies one completion to its slot.
@@ -651,6 +808,47 @@ mod tests {
     use crate::context::{ContextOptions, IOContext};
     use crate::driver::Backend;
     use crate::tasks::{Buffer, ClosureCb, IOAction, IOChannel, IOEvent};
+
+    /// The split decision: only with much outstanding and inline samples;
+    /// back on non-inline samples or when little is outstanding; never on
+    /// rings where it is not allowed.
+    #[test]
+    fn split_policy_follows_depth_and_inline_samples() {
+        use super::SplitPolicy;
+        let sample_all = |p: &mut SplitPolicy, inline: bool| {
+            let mut sampled = false;
+            for _ in 0..SplitPolicy::SAMPLE_EVERY_SPLIT {
+                if p.sample_due() {
+                    p.record_sample(32, if inline { 32 } else { 1 });
+                    sampled = true;
+                    break;
+                }
+            }
+            sampled
+        };
+        let mut p = SplitPolicy::new(true);
+        for _ in 0..64 {
+            p.note_batch(1, 2); // depth 2: no samples, no split
+        }
+        assert!(!sample_all(&mut p, true) && !p.active);
+        for _ in 0..64 {
+            p.note_batch(8, 32);
+        }
+        assert!(sample_all(&mut p, true) && !p.active, "one vote is not enough");
+        assert!(sample_all(&mut p, true) && p.active);
+        assert!(sample_all(&mut p, false) && p.active, "one contrary sample is tolerated");
+        assert!(sample_all(&mut p, false) && !p.active);
+        assert!(sample_all(&mut p, true) && sample_all(&mut p, true) && p.active);
+        for _ in 0..64 {
+            p.note_batch(1, 1);
+        }
+        assert!(!p.active, "little outstanding: back");
+        let mut off = SplitPolicy::new(false);
+        for _ in 0..64 {
+            off.note_batch(8, 32);
+        }
+        assert!(!sample_all(&mut off, true) && !off.active);
+    }
 
     thread_local! {
         /// Build rings on this thread as a kernel before 5.18 would.
