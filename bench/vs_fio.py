@@ -15,6 +15,12 @@ When build/bench/uring-loop exists (built if liburing-dev is installed), it
 runs as a third tool in the io_uring O_DIRECT rows: the loop a C programmer
 would write by hand on liburing, against which the engine's own cost shows.
 
+The public crate io-engine 0.12 (the design the seed document reworks) runs
+as a further tool in the O_DIRECT rows at depths 1, 32 and 128, the pool
+rows at depth 32 and every page-cache row, through bench/io-engine-peer
+(built here with cargo on first use; its AIO bindings need clang,
+libclang-dev and libaio-dev; skipped with a message if it cannot be built).
+
 Usage: python3 bench/vs_fio.py [--ioe-bench PATH] [--file PATH] [--size 1g]
                                 [--runtime 5] [--pairs 3] [--quick]
 """
@@ -98,6 +104,32 @@ def peer_cmd(args, w):
             "--size", args.size, "--iodepth", str(w["qd"]), "--runtime", str(args.runtime)]
 
 
+def crate_cmd(args, w):
+    return [os.path.relpath(args.crate_peer, ROOT) if args.crate_peer.startswith(ROOT) else args.crate_peer,
+            "--backend", w["backend"], "--iodepth", str(w["qd"]), "--direct", str(w["direct"]),
+            "--filename", args.file, "--size", args.size, "--runtime", str(args.runtime),
+            "--workers", "1" if w.get("workers") else "0"]
+
+
+def build_crate_peer(args):
+    """Builds bench/io-engine-peer once; False (with the reason printed) if it cannot be."""
+    if os.path.exists(args.crate_peer):
+        return True
+    target = os.path.join(ROOT, "build", "io-engine-peer")
+    if args.crate_peer != os.path.join(target, "release", "io-engine-peer"):
+        print(f"  ({args.crate_peer} not found: no io-engine 0.12 rows)", flush=True)
+        return False
+    print("building bench/io-engine-peer (io-engine 0.12) with cargo", flush=True)
+    built = subprocess.run(["cargo", "build", "--release", "--manifest-path",
+                            os.path.join(ROOT, "bench", "io-engine-peer", "Cargo.toml")],
+                           env=dict(os.environ, CARGO_TARGET_DIR=target), capture_output=True, text=True)
+    if built.returncode != 0:
+        print("  (io-engine-peer did not build, no io-engine 0.12 rows; it needs clang, libclang-dev and "
+              f"libaio-dev):\n{built.stderr[-2000:]}", flush=True)
+        return False
+    return True
+
+
 def peer_figures(out):
     r = json.loads(out)
     return {"iops": r["iops"], "cpu_us_per_io": r["cpu_us_per_io"]}
@@ -172,15 +204,15 @@ def paired_text(paired):
     return f"{paired['median']:.2f} ({paired['ci95'][0]:.2f}-{paired['ci95'][1]:.2f})" if paired else "-"
 
 
-def compare(args, w, with_peer=False):
-    """ioe-bench against fio (and, for with_peer, against uring-loop too).
-    Two tools alternate ABBA; three rotate, so each goes first, second and
-    third equally often."""
-    a_runs, b_runs, c_runs = [], [], []
-    tools = ("ioe", "fio", "peer") if with_peer else ("ioe", "fio")
+def compare(args, w, with_peer=False, with_crate=False):
+    """ioe-bench against fio (and, for with_peer, against uring-loop too;
+    for with_crate, against io-engine 0.12). Two tools alternate ABBA; more
+    rotate, so each goes first, second, ... equally often."""
+    a_runs, b_runs, c_runs, d_runs = [], [], [], []
+    tools = ("ioe", "fio") + (("peer",) if with_peer else ()) + (("crate",) if with_crate else ())
     for i in range(args.pairs):
-        if with_peer:
-            order = tools[i % 3:] + tools[:i % 3]
+        if len(tools) > 2:
+            order = tools[i % len(tools):] + tools[:i % len(tools)]
         else:
             order = tools if i % 2 == 0 else tools[::-1]
         for tool in order:
@@ -188,8 +220,10 @@ def compare(args, w, with_peer=False):
                 a_runs.append(measured(args, ioe_cmd(args, w), ioe_figures))
             elif tool == "fio":
                 b_runs.append(measured(args, fio_cmd(args, w), fio_figures))
-            else:
+            elif tool == "peer":
                 c_runs.append(peer_figures(run(peer_cmd(args, w))))
+            else:
+                d_runs.append(peer_figures(run(crate_cmd(args, w))))
     a, b = medians(a_runs), medians(b_runs)
     ratio = ratios(a, b)
     paired = paired_iops_ratio(a_runs, b_runs)
@@ -205,6 +239,14 @@ def compare(args, w, with_peer=False):
               flush=True)
         peer = {"peer": c, "peer_runs": c_runs, "peer_paired_iops_ratio": peer_paired,
                 "peer_command": shlex.join(peer_cmd(args, w))}
+    if with_crate:
+        d = medians(d_runs)
+        crate_paired = paired_iops_ratio(a_runs, d_runs)
+        crate_cpu = paired_ratio(a_runs, d_runs, "cpu_us_per_io")
+        print(f"  {'':<44} io-engine 0.12 {d['iops']:>10.0f} IOPS  ioe/io-engine paired {paired_text(crate_paired)}"
+              f"  cpu/io {a['cpu_us_per_io']:.2f} vs {d['cpu_us_per_io']:.2f} us", flush=True)
+        peer.update({"crate": d, "crate_runs": d_runs, "crate_paired_iops_ratio": crate_paired,
+                     "crate_paired_cpu_ratio": crate_cpu, "crate_command": shlex.join(crate_cmd(args, w))})
     return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "paired_iops_ratio": paired, "ioe_runs": a_runs,
             **peer, "fio_runs": b_runs,
             "ioe_command": shlex.join(ioe_cmd(args, w)), "fio_command": shlex.join(fio_cmd(args, w))}
@@ -387,6 +429,20 @@ def write_markdown(results, path):
             a, l, pp = c["ioe"], c["peer"], c["peer_paired_iops_ratio"]
             lines.append(f"| {c['workload']['label']} | {a['iops']:.0f} | {l['iops']:.0f} | {paired_text(pp)} | "
                          f"{verdict(pp)} | {a['cpu_us_per_io']:.2f} | {l['cpu_us_per_io']:.2f} | {c['fio']['iops']:.0f} |")
+    crate_rows = [c for c in results["comparisons"] if c.get("crate")]
+    if crate_rows:
+        lines += ["", "Against io-engine 0.12, the public crate whose design the seed document reworks "
+                  "(`bench/io-engine-peer`: its `setup` with an inline closure, or with a channel to one callback "
+                  "thread for the pool rows; each completion submits the next read through its channel), run as a "
+                  "further tool in the same rounds. Paired ratios are ioe / io-engine; the CPU ratio below 1 means "
+                  "ioe spends less CPU per I/O.", "",
+                  "| workload | ioe IOPS | io-engine IOPS | paired IOPS ratio (95% CI) | vs io-engine | ioe CPU/IO us | io-engine CPU/IO us | paired CPU ratio | fio IOPS |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+        for c in crate_rows:
+            a, d, pp = c["ioe"], c["crate"], c["crate_paired_iops_ratio"]
+            lines.append(f"| {c['workload']['label']} | {a['iops']:.0f} | {d['iops']:.0f} | {paired_text(pp)} | "
+                         f"{verdict(pp)} | {a['cpu_us_per_io']:.2f} | {d['cpu_us_per_io']:.2f} | "
+                         f"{paired_text(c.get('crate_paired_cpu_ratio'))} | {c['fio']['iops']:.0f} |")
     if results.get("pooled"):
         pooled = results["pooled"]
         lines += ["", f"Pooled: every single run of each row from {len(pooled['sources'])} full runs "
@@ -429,6 +485,8 @@ def write_markdown(results, path):
         lines += [f"- {c['workload']['label']}:", f"  - `{c['ioe_command']}`", f"  - `{c['fio_command']}`"]
         if c.get("peer_command"):
             lines.append(f"  - `{c['peer_command']}`")
+        if c.get("crate_command"):
+            lines.append(f"  - `{c['crate_command']}`")
     for c in results["merging"]:
         lines += [f"- {c['workload']['label']}:", f"  - `{c['merged_command']}`", f"  - `{c['unmerged_command']}`"]
         lines += [f"  - `{c[k]}`" for k in ("fio_128k_command", "fio_4k_command") if k in c]
@@ -442,6 +500,9 @@ def main():
     p.add_argument("--peer", default=os.path.join(ROOT, "build", "bench", "uring-loop"),
                    help="hand-written liburing loop run next to the io_uring O_DIRECT rows (built when liburing-dev "
                         "is installed); skipped if missing")
+    p.add_argument("--crate-peer", default=os.path.join(ROOT, "build", "io-engine-peer", "release", "io-engine-peer"),
+                   help="io-engine 0.12 bench program (bench/io-engine-peer, built with cargo if missing)")
+    p.add_argument("--no-crate-peer", action="store_true", help="leave io-engine 0.12 out")
     p.add_argument("--file", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "ioe-vs-fio.dat"))
     p.add_argument("--size", default="1g")
     p.add_argument("--runtime", type=float, default=5)
@@ -487,21 +548,28 @@ def main():
     with_peer = os.path.exists(args.peer)
     if not with_peer:
         print(f"  ({args.peer} not found: no hand-written liburing loop rows; install liburing-dev and rebuild)")
+    with_crate = not args.no_crate_peer and build_crate_peer(args)
     for backend in ("uring", "aio"):
         for qd in qds:
             comparisons.append(compare(args, {"label": f"randread 4k direct QD{qd} {backend}", "backend": backend,
                                               "rw": "randread", "qd": qd, "direct": 1},
-                                       with_peer=with_peer and backend == "uring"))
+                                       with_peer=with_peer and backend == "uring",
+                                       with_crate=with_crate and qd in (1, 32, 128)))
     print("the same with callbacks on a one-thread pool instead of the poller (the cost of pool mode)", flush=True)
     for backend in ("uring", "aio"):
         for qd in (4, 32):
             comparisons.append(compare(args, {"label": f"randread 4k direct QD{qd} {backend} pool", "backend": backend,
-                                              "rw": "randread", "qd": qd, "direct": 1, "workers": 1}))
+                                              "rw": "randread", "qd": qd, "direct": 1, "workers": 1},
+                                       with_crate=with_crate and qd == 32))
     print("page-cache 4 KiB random read (workload 3)", flush=True)
     subprocess.run(["cat", args.file], stdout=subprocess.DEVNULL, check=True)  # warm the cache
     for backend in ("uring", "aio"):
-        comparisons.append(compare(args, {"label": f"randread 4k page cache QD32 {backend}", "backend": backend,
-                                          "rw": "randread", "qd": 32, "direct": 0}))
+        for qd in (1, 32, 128):
+            comparisons.append(compare(args, {"label": f"randread 4k page cache QD{qd} {backend}", "backend": backend,
+                                              "rw": "randread", "qd": qd, "direct": 0}, with_crate=with_crate))
+        comparisons.append(compare(args, {"label": f"randread 4k page cache QD32 {backend} pool", "backend": backend,
+                                          "rw": "randread", "qd": 32, "direct": 0, "workers": 1},
+                                   with_crate=with_crate))
     print("4 KiB sequential writes, merged up to 128 KiB against unmerged (workload 4)", flush=True)
     merging = []
     for backend in ("uring", "aio"):
