@@ -164,9 +164,106 @@ impl<'a> SqWriter<'a> {
     }
 }
 
+/// `IORING_OFF_CQ_RING`: the mmap offset of the completion ring.
+const OFF_CQ_RING: libc::off_t = 0x800_0000;
+
+/// Where the CQ tail sits in the ring memory (`io_uring_params.cq_off.tail`):
+/// the same for every ring of the running kernel, read once from a
+/// throwaway ring of one entry. The structure is the kernel's stable ABI:
+/// seven u32 and three reserved, then the SQ offsets (8 u32 and a u64),
+/// then the CQ offsets, whose second field is the tail.
+fn cq_tail_offset() -> io::Result<usize> {
+    static OFFSET: std::sync::OnceLock<Result<usize, i32>> = std::sync::OnceLock::new();
+    let found = OFFSET.get_or_init(|| {
+        let mut params = [0u32; 30];
+        // SAFETY: io_uring_setup fills the 120-byte params it is given.
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO));
+        }
+        // SAFETY: closing the descriptor the call above returned.
+        unsafe { libc::close(fd as i32) };
+        const CQ_OFF_TAIL: usize = 10 + 10 + 1; // in u32 units
+        Ok(params[CQ_OFF_TAIL] as usize)
+    });
+    found.map_err(io::Error::from_raw_os_error)
+}
+
+/// The CQ tail of a ring, readable from any thread: how many completions
+/// the kernel has posted. A thread that submits reads it before and after
+/// its `io_uring_enter` to see how many completions came during the call
+/// (page-cache reads complete inside it), without touching the completion
+/// queue, which belongs to the thread that reaps. A read-only mapping of
+/// its own, unmapped on drop.
+pub(crate) struct CqTail {
+    map: *mut libc::c_void,
+    len: usize,
+    offset: usize,
+}
+
+// SAFETY: the mapping is read-only shared memory, read with atomic loads.
+unsafe impl Send for CqTail {}
+// SAFETY: as above.
+unsafe impl Sync for CqTail {}
+
+impl CqTail {
+    pub(crate) fn new(ring: &IoUring) -> io::Result<CqTail> {
+        use std::os::fd::AsRawFd;
+        let offset = cq_tail_offset()?;
+        let len = offset + std::mem::size_of::<u32>();
+        // SAFETY: a new read-only shared mapping of the ring's CQ memory;
+        // nothing else refers to it.
+        let map = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, ring.as_raw_fd(), OFF_CQ_RING)
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(CqTail { map, len, offset })
+    }
+
+    pub(crate) fn load(&self) -> u32 {
+        // SAFETY: the offset lies inside the mapping, is 4-byte aligned (the
+        // kernel's layout), and the kernel writes the tail atomically.
+        unsafe {
+            (*(self.map.cast::<u8>().add(self.offset).cast::<std::sync::atomic::AtomicU32>()))
+                .load(std::sync::atomic::Ordering::Acquire)
+        }
+    }
+}
+
+impl Drop for CqTail {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, of this length, no longer used.
+        unsafe { libc::munmap(self.map, self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another mapping's view of the CQ tail follows the kernel's posts.
+    #[test]
+    fn cq_tail_counts_posted_completions() {
+        let mut ring = match IoUring::new(4) {
+            Ok(ring) => ring,
+            Err(e) => {
+                eprintln!("skipped: io_uring unavailable here ({e})");
+                return;
+            }
+        };
+        let tail = CqTail::new(&ring).unwrap();
+        assert_eq!(tail.load(), 0);
+        for n in 1..=3u32 {
+            // SAFETY: a NOP points at nothing.
+            unsafe { ring.submission().push(&io_uring::opcode::Nop::new().build()).unwrap() };
+            ring.submit_and_wait(1).unwrap();
+            assert_eq!(tail.load(), n);
+        }
+        ring.completion().for_each(drop);
+        assert_eq!(tail.load(), 3, "reaping moves the head, not the tail");
+    }
 
     #[test]
     fn a_refused_flag_group_is_dropped_and_the_older_ones_kept() {

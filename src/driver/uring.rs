@@ -14,7 +14,7 @@
 //! and the shutdown NOP is only sent once every slot is free.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crossbeam::channel::{self, Receiver, Sender};
@@ -28,7 +28,7 @@ use crate::driver::{
     flush_before, is_resource_shortage, start_engine_thread, ActionSet, Backend, Backoff, SlotTable, Started,
     SubmitLock, SENTINEL_DATA,
 };
-use crate::ring::{probe_opcodes, setup, RingConfig, SqWriter};
+use crate::ring::{probe_opcodes, setup, CqTail, RingConfig, SqWriter};
 use crate::tasks::{IOAction, IOCallbackCustom, IOEvent, IoRequest, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
@@ -74,6 +74,9 @@ struct UringInner<C: IOCallbackCustom> {
     /// entries wait in the SQ and only the submitter thread retries, with
     /// back-off, so the poller and pool threads never spin on it.
     stalled: AtomicBool,
+    /// Pool callbacks: whether pool threads' follow-ups go to the submitter
+    /// thread, and what decides it (`PoolSplit`). None otherwise.
+    pool_split: Option<PoolSplit>,
     /// IOPOLL only: the poller sleeps here while nothing is in flight (an
     /// IOPOLL ring does not block in `io_uring_enter`); every submission
     /// from another thread rings it.
@@ -138,9 +141,16 @@ impl<C: IOCallbackCustom> UringInner<C> {
     /// Submits whatever is published in the SQ; returns how many entries
     /// the kernel took. Needs no lock (see `worker_submit`).
     fn enter_published(&self) -> io::Result<usize> {
+        let before = self.pool_split.as_ref().map(|split| split.tail.load());
         loop {
             match self.ring.submitter().submit() {
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Ok(consumed) => {
+                    if let (Some(split), Some(before)) = (&self.pool_split, before) {
+                        split.record(consumed, split.tail.load().wrapping_sub(before) as usize);
+                    }
+                    return Ok(consumed);
+                }
                 other => return other,
             }
         }
@@ -248,6 +258,10 @@ impl UringDriver {
         let free_sender_direct = free_sender.clone();
         let (retry_sender, retry_ids) = channel::bounded(ctx.depth);
         let iopoll = flags & setup::IOPOLL != 0;
+        let pool_split = (!ctx.cb_workers.is_inline() && flags & (setup::SQPOLL | setup::IOPOLL) == 0)
+            .then(|| CqTail::new(&ring).ok())
+            .flatten()
+            .map(PoolSplit::new);
         let inner = Arc::new(UringInner {
             ring,
             slots,
@@ -257,6 +271,7 @@ impl UringDriver {
             free_ids,
             retry_ids,
             stalled: AtomicBool::new(false),
+            pool_split,
             idle_wake: iopoll.then(|| channel::bounded(1)),
         });
 
@@ -270,8 +285,26 @@ impl UringDriver {
             start_engine_thread("ioe-uring-submit", move || worker_submit(ctx, inner_submit, noti_receiver));
         match submitter {
             Ok(submitter) => {
-                ctx_direct.set_direct_submit(Box::new(move |ctx| {
-                    hand_back(ctx, &inner_direct, &mut Vec::new(), &free_sender_direct, Hand::SubmitNow, false);
+                ctx_direct.set_direct_submit(Box::new(move |ctx| match &inner_direct.pool_split {
+                    Some(split) => {
+                        let pending =
+                            hand_back(ctx, &inner_direct, &mut Vec::new(), &free_sender_direct, Hand::Publish, false);
+                        if pending == 0 {
+                            return;
+                        }
+                        if split.active.load(Ordering::Relaxed) {
+                            // Written here, submitted by the submitter thread.
+                            let _ = ctx.noti_sender.try_send(());
+                            return;
+                        }
+                        match inner_direct.enter_published() {
+                            Ok(_) => inner_direct.wake_idle_poller(),
+                            Err(e) => inner_direct.stall(ctx, &e),
+                        }
+                    }
+                    None => {
+                        hand_back(ctx, &inner_direct, &mut Vec::new(), &free_sender_direct, Hand::SubmitNow, false);
+                    }
                 }));
                 let refused_actions = if iopoll { ActionSet::of(&NOT_ON_IOPOLL) } else { ActionSet::default() };
                 Ok(Started {
@@ -595,6 +628,55 @@ impl SplitPolicy {
     }
 }
 
+/// With pool callbacks, pool threads submit their callbacks' follow-ups
+/// themselves, so page-cache copies run on the pool thread next to the
+/// callbacks. Split, they only write the entries and wake the submitter
+/// thread, which enters the kernel while the pool thread runs callbacks.
+/// Every thread that submits (pool threads, and the submitter thread when
+/// split) reads the CQ tail around its `io_uring_enter` and records how
+/// many completions came during the call against how many entries it
+/// handed over. Split when most complete inside the call and calls hand
+/// over several entries each (at a small depth a hand-over would only add
+/// a wake-up); back when either fails.
+struct PoolSplit {
+    tail: CqTail,
+    active: AtomicBool,
+    /// Moving averages (fixed point, `ONE`): share of entries completed
+    /// inside the call, and entries per call. Updated without a lock by
+    /// whichever thread submitted; a lost update only delays a decision.
+    inline: AtomicU32,
+    batch: AtomicU32,
+}
+
+impl PoolSplit {
+    const ONE: u32 = 256;
+    const ENTER_INLINE: u32 = Self::ONE * 3 / 4;
+    const LEAVE_INLINE: u32 = Self::ONE * 3 / 8;
+    const ENTER_BATCH: u32 = 4 * Self::ONE;
+    const LEAVE_BATCH: u32 = 2 * Self::ONE;
+
+    fn new(tail: CqTail) -> Self {
+        PoolSplit { tail, active: AtomicBool::new(false), inline: AtomicU32::new(0), batch: AtomicU32::new(0) }
+    }
+
+    fn record(&self, submitted: usize, completed: usize) {
+        if submitted == 0 {
+            return;
+        }
+        let share = (completed.min(submitted) * Self::ONE as usize / submitted) as u32;
+        let inline = average(self.inline.load(Ordering::Relaxed), share);
+        let batch = average(self.batch.load(Ordering::Relaxed), submitted.min(1 << 16) as u32 * Self::ONE);
+        self.inline.store(inline, Ordering::Relaxed);
+        self.batch.store(batch, Ordering::Relaxed);
+        let active = if self.active.load(Ordering::Relaxed) {
+            inline >= Self::LEAVE_INLINE && batch >= Self::LEAVE_BATCH
+        } else {
+            inline >= Self::ENTER_INLINE && batch >= Self::ENTER_BATCH
+        };
+        self.active.store(active, Ordering::Relaxed);
+    }
+}
+
 /// A moving average over about eight samples.
 fn average(old: u32, new: u32) -> u32 {
     ((old as u64 * 7 + new as u64) / 8) as u32
@@ -808,6 +890,42 @@ mod tests {
     use crate::context::{ContextOptions, IOContext};
     use crate::driver::Backend;
     use crate::tasks::{Buffer, ClosureCb, IOAction, IOChannel, IOEvent};
+
+    /// Pool threads split once their calls complete inline and carry several
+    /// entries; back when completions stop coming inside the call or calls
+    /// carry one entry.
+    #[test]
+    fn pool_split_follows_inline_completions_and_batches() {
+        let ring = match io_uring::IoUring::new(2) {
+            Ok(ring) => ring,
+            Err(e) => {
+                eprintln!("skipped: io_uring unavailable here ({e})");
+                return;
+            }
+        };
+        let split = super::PoolSplit::new(crate::ring::CqTail::new(&ring).unwrap());
+        let active = |s: &super::PoolSplit| s.active.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..32 {
+            split.record(1, 1); // inline, but one entry per call
+        }
+        assert!(!active(&split));
+        for _ in 0..32 {
+            split.record(8, 8);
+        }
+        assert!(active(&split));
+        for _ in 0..32 {
+            split.record(8, 0); // a device's reads
+        }
+        assert!(!active(&split));
+        for _ in 0..32 {
+            split.record(8, 8);
+        }
+        assert!(active(&split));
+        for _ in 0..32 {
+            split.record(1, 1);
+        }
+        assert!(!active(&split));
+    }
 
     /// The split decision: only with much outstanding and inline samples;
     /// back on non-inline samples or when little is outstanding; never on
