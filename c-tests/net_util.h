@@ -20,6 +20,24 @@ static inline size_t net_util_discard(struct ioe_conn *conn, const void *data, s
     return len;
 }
 
+/* A borrowed send's outcome: `done` counts the call, `result` is what it
+ * got (written before the waiter is signalled, read after waiting). */
+struct borrowed {
+    struct waiter done;
+    int64_t result;
+};
+
+static inline void borrowed_init(struct borrowed *b) {
+    waiter_init(&b->done);
+    b->result = INT64_MIN;
+}
+
+static inline void borrowed_done(void *user_data, int64_t result) {
+    struct borrowed *b = user_data;
+    b->result = result;
+    waiter_signal(&b->done);
+}
+
 /* Whether a server backend can run here (reported once if not). */
 static inline int net_backend_available(uint32_t backend) {
     static int known[3] = {-1, -1, -1};

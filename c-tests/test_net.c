@@ -328,16 +328,6 @@ static void slow_reader(uint32_t backend) {
 
 /* --- other threads --------------------------------------------------------- */
 
-struct borrowed {
-    struct waiter w;
-    int64_t result;
-};
-
-static void borrowed_done(void *user_data, int64_t result) {
-    struct borrowed *b = user_data;
-    b->result = result;
-    waiter_signal(&b->w);
-}
 
 /* A reference taken in a callback: sends from another thread arrive in
  * order; once the peer left they fail cleanly; the handle stays valid. */
@@ -361,13 +351,13 @@ static void sends_from_another_thread(uint32_t backend) {
     uint8_t *big = malloc(1 << 20);
     CHECK(big != NULL);
     fill_pattern(big, 1 << 20, 99);
-    struct borrowed b = {.result = INT64_MIN};
-    waiter_init(&b.w);
+    struct borrowed b;
+    borrowed_init(&b);
     CHECK_EQ(ioe_conn_send_borrowed(conn, big, 1 << 20, borrowed_done, &b), 0);
     uint8_t *back = malloc(1 << 20);
     CHECK_EQ(exchange(fd, NULL, 0, back, 1 << 20), 1 << 20);
     CHECK(memcmp(back, big, 1 << 20) == 0);
-    waiter_wait(&b.w, 1);
+    waiter_wait(&b.done, 1);
     CHECK_EQ(b.result, 1 << 20);
 
     /* The peer leaves; the handle stays valid and says so. */

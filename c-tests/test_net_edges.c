@@ -121,16 +121,6 @@ static void stop_closes_every_descriptor(uint32_t backend) {
     e_finish(s);
 }
 
-struct borrowed {
-    struct waiter done;
-    atomic_llong result;
-};
-
-static void borrowed_done(void *user_data, int64_t result) {
-    struct borrowed *b = user_data;
-    atomic_store(&b->result, result);
-    waiter_signal(&b->done);
-}
 
 /* Abort with a borrowed send partly sent: its done gets -ECANCELED, as
  * documented (it used to get the count of bytes sent so far, which a
@@ -143,8 +133,7 @@ static void abort_cancels_partly_sent_borrowed(uint32_t backend) {
     uint8_t *buf = calloc(1, big);
     CHECK(buf != NULL);
     struct borrowed b;
-    waiter_init(&b.done);
-    atomic_init(&b.result, INT64_MIN);
+    borrowed_init(&b);
     CHECK_EQ(ioe_conn_send_borrowed(s->kept, buf, big, borrowed_done, &b), 0);
     /* Until part of it is in the socket buffers. */
     time_t start = time(NULL);
@@ -155,7 +144,7 @@ static void abort_cancels_partly_sent_borrowed(uint32_t backend) {
     CHECK_EQ(ioe_conn_abort(s->kept), 0);
     waiter_wait(&b.done, 1);
     waiter_wait(&s->closes, 1);
-    CHECK_EQ(atomic_load(&b.result), -ECANCELED);
+    CHECK_EQ(b.result, -ECANCELED);
     close(fd);
     e_finish(s);
     free(buf);

@@ -138,22 +138,29 @@ impl<C: IOCallbackCustom> UringInner<C> {
         let _ = ctx.noti_sender.try_send(());
     }
 
-    /// Submits whatever is published in the SQ; returns how many entries
-    /// the kernel took. Needs no lock (see `worker_submit`).
-    fn enter_published(&self) -> io::Result<usize> {
-        let before = self.pool_split.as_ref().map(|split| split.tail.load());
-        loop {
-            match self.ring.submitter().submit() {
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Ok(consumed) => {
-                    if let (Some(split), Some(before)) = (&self.pool_split, before) {
-                        split.record(consumed, split.tail.load().wrapping_sub(before) as usize);
-                    }
-                    return Ok(consumed);
-                }
-                other => return other,
+    /// Submits the `pending` entries published in the SQ (and any others
+    /// published meanwhile). Needs no lock (see `worker_submit`): entering
+    /// only reads the ring's head and tail. A pass the kernel ends early (a
+    /// kernel without SUBMIT_ALL meeting an entry that fails at
+    /// preparation) is followed at once by another for the rest; a pass
+    /// that takes nothing (another thread submitted them) ends it.
+    fn enter_published(&self, mut pending: usize) -> io::Result<()> {
+        while pending > 0 {
+            let before = self.pool_split.as_ref().map(|split| split.tail.load());
+            let consumed = match self.ring.submitter().submit() {
+                Ok(consumed) => consumed,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            };
+            if let (Some(split), Some(before)) = (&self.pool_split, before) {
+                split.record(consumed, split.tail.load().wrapping_sub(before) as usize);
             }
+            if consumed == 0 || self.sqpoll {
+                break;
+            }
+            pending = pending.saturating_sub(consumed);
         }
+        Ok(())
     }
 
     fn wake_idle_poller(&self) {
@@ -297,8 +304,8 @@ impl UringDriver {
                             let _ = ctx.noti_sender.try_send(());
                             return;
                         }
-                        match inner_direct.enter_published() {
-                            Ok(_) => inner_direct.wake_idle_poller(),
+                        match inner_direct.enter_published(pending) {
+                            Ok(()) => inner_direct.wake_idle_poller(),
                             Err(e) => inner_direct.stall(ctx, &e),
                         }
                     }
@@ -417,24 +424,14 @@ fn worker_submit<C: IOCallbackCustom>(ctx: Arc<IoSharedContext<C>>, inner: Arc<U
         };
         // The kernel call goes without the lock: reads the page cache can
         // serve are copied inside it, and meanwhile the poller can write
-        // the next entries (it publishes them; they go with this call or
-        // the next). Entering only reads the ring's head and tail.
+        // the next entries (they go with this call or the next).
         let refused = pending > 0
-            && match inner.enter_published() {
-                Ok(consumed) if consumed > 0 || inner.sqpoll => {
+            && match inner.enter_published(pending) {
+                Ok(()) => {
                     inner.stalled.store(false, Ordering::SeqCst);
                     inner.wake_idle_poller();
-                    if consumed < pending && !inner.sqpoll {
-                        // A pass that ended early (a kernel without
-                        // SUBMIT_ALL met an entry failing at preparation):
-                        // submit the rest at once.
-                        continue;
-                    }
                     false
                 }
-                // Published entries the kernel took none of (another thread
-                // submitted them first, or the kernel refused quietly).
-                Ok(_) => false,
                 Err(e) => {
                     inner.stall(&ctx, &e);
                     true
@@ -592,12 +589,9 @@ impl SplitPolicy {
         SplitPolicy { allowed, active: false, until_sample: Self::SAMPLE_EVERY, batch: Self::ONE, votes: 0 }
     }
 
-    /// After each pass's batch of completions, with the requests that
-    /// were outstanding as it arrived.
-    fn note_batch(&mut self, completions: usize, outstanding: usize) {
-        if !self.allowed || completions == 0 {
-            return;
-        }
+    /// After each pass's (non-empty) batch of completions, with the
+    /// requests that were outstanding as it arrived.
+    fn note_batch(&mut self, outstanding: usize) {
         self.batch = average(self.batch, outstanding.min(1 << 16) as u32 * Self::ONE);
         if self.active && self.batch < Self::LEAVE_BATCH {
             self.active = false;
@@ -733,11 +727,13 @@ impl<C: IOCallbackCustom> Poller<C> {
                 cq.sync();
                 self.complete_one(cqe.user_data(), cqe.result());
             }
-            // Outstanding as the batch arrived: in slots (the batch's slots
-            // are already free) and queued for one.
-            let outstanding =
-                self.ctx.depth - self.ctx.free_slots_count.load(Ordering::Relaxed) + batch + self.ctx.ready_count();
-            self.split.note_batch(batch, outstanding);
+            if self.split.allowed && batch > 0 {
+                // Outstanding as the batch arrived: in slots (the batch's
+                // slots are already free) and queued for one.
+                let outstanding =
+                    self.ctx.depth - self.ctx.free_slots_count.load(Ordering::Relaxed) + batch + self.ctx.ready_count();
+                self.split.note_batch(outstanding);
+            }
             let dropped = cq.overflow();
             if dropped != dropped_seen {
                 // Completions the kernel could not keep: impossible by the
@@ -749,7 +745,6 @@ impl<C: IOCallbackCustom> Poller<C> {
             }
             cq.sync();
             let more_ready = !cq.is_empty();
-
             if self.exiting && !more_ready && self.ctx.free_slots_count.load(Ordering::SeqCst) == self.ctx.depth {
                 return;
             }
@@ -789,16 +784,14 @@ impl<C: IOCallbackCustom> Poller<C> {
             let (min_complete, flags) = if more_ready { (0, 0) } else { (1, ENTER_GETEVENTS) };
             // SAFETY: plain io_uring_enter with no argument pointer.
             match unsafe { submitter.enter::<libc::sigset_t>(to_submit as u32, min_complete, flags, None) } {
-                Ok(consumed) => {
-                    if consumed < to_submit {
-                        // The kernel ended its pass early (a kernel without
-                        // SUBMIT_ALL met an entry failing at preparation), or
-                        // another thread submitted meanwhile: the next
-                        // hand-back submits whatever is left. The call did
-                        // not wait.
-                        self.leftover = true;
-                    }
+                Ok(consumed) if consumed < to_submit => {
+                    // The kernel ended its pass early (a kernel without
+                    // SUBMIT_ALL met an entry failing at preparation), or
+                    // another thread submitted meanwhile: the next hand-back
+                    // submits whatever is left. The call did not wait.
+                    self.leftover = true;
                 }
+                Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
                     // Entries this call did not take stay in the ring for the
@@ -946,11 +939,11 @@ mod tests {
         };
         let mut p = SplitPolicy::new(true);
         for _ in 0..64 {
-            p.note_batch(1, 2); // depth 2: no samples, no split
+            p.note_batch(2); // depth 2: no samples, no split
         }
         assert!(!sample_all(&mut p, true) && !p.active);
         for _ in 0..64 {
-            p.note_batch(8, 32);
+            p.note_batch(32);
         }
         assert!(sample_all(&mut p, true) && !p.active, "one vote is not enough");
         assert!(sample_all(&mut p, true) && p.active);
@@ -958,12 +951,12 @@ mod tests {
         assert!(sample_all(&mut p, false) && !p.active);
         assert!(sample_all(&mut p, true) && sample_all(&mut p, true) && p.active);
         for _ in 0..64 {
-            p.note_batch(1, 1);
+            p.note_batch(1);
         }
         assert!(!p.active, "little outstanding: back");
         let mut off = SplitPolicy::new(false);
         for _ in 0..64 {
-            off.note_batch(8, 32);
+            off.note_batch(32);
         }
         assert!(!sample_all(&mut off, true) && !off.active);
     }
