@@ -1,9 +1,12 @@
 /* ioe-bench: measures ioengine through its public C API only.
  *
- * Each submitting thread keeps --iodepth requests in flight: every
- * completion callback records the latency and submits the next request from
- * the callback itself (the natural asynchronous pattern), until the run time
- * or I/O count is reached. With no arguments it runs a short, self-checking
+ * Each job keeps --iodepth requests in flight: every completion callback
+ * records the latency and submits the next request from the callback itself
+ * (the natural asynchronous pattern), until the run time or I/O count is
+ * reached. With --submit thread each job instead has a thread of its own that
+ * submits every request: callbacks hand finished slots back to it (the
+ * pattern of a database whose worker threads issue reads). --contexts spreads
+ * the jobs over several contexts. With no arguments it runs a short, self-checking
  * read/write workload on a temporary file and prints a summary.
  *
  * Latency percentiles come from a log-linear histogram (32 sub-buckets per
@@ -43,6 +46,8 @@ struct options {
     uint64_t bs;
     uint32_t iodepth;   /* per submitting thread */
     uint32_t threads;
+    uint32_t contexts;  /* jobs are spread over this many contexts */
+    bool submit_thread; /* each job's own thread submits, not the callbacks */
     const char *path;   /* NULL: temporary file */
     uint64_t size;
     bool direct;
@@ -67,7 +72,10 @@ static void usage(FILE *out) {
             "  --rwmixread PCT            randrw: percentage of reads (default 50)\n"
             "  --bs SIZE                  block size, e.g. 4k (default 4k)\n"
             "  --iodepth N                I/Os in flight per submitting thread (default 32)\n"
-            "  --threads N                submitting threads (default 1)\n"
+            "  --threads N                jobs, each with --iodepth in flight (default 1)\n"
+            "  --submit callback|thread   who submits the next I/O: the completion callback\n"
+            "                             (default) or a thread per job that callbacks wake\n"
+            "  --contexts N               spread the jobs over N contexts (default 1)\n"
             "  --filename PATH            file or block device (default: a temporary file)\n"
             "  --size SIZE                bytes of the file to use (default 64m; device: its size)\n"
             "  --direct 0|1               O_DIRECT (default 0)\n"
@@ -101,7 +109,7 @@ static int parse_bool(const char *s, bool *out) {
 
 static int parse_options(int argc, char **argv, struct options *o) {
     *o = (struct options){.backend = IOE_BACKEND_AUTO, .pattern = PAT_RANDRW, .read_pct = 50, .bs = 4096,
-                          .iodepth = 32, .threads = 1, .size = 64ull << 20, .runtime = 2.0,
+                          .iodepth = 32, .threads = 1, .contexts = 1, .size = 64ull << 20, .runtime = 2.0,
                           .merge_limit = 0, .verify = argc == 1, .prefill = true, .idle_check = argc == 1};
     static const struct option longopts[] = {
         {"backend", required_argument, 0, 'B'}, {"rw", required_argument, 0, 'r'},
@@ -113,6 +121,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"merge", required_argument, 0, 'm'}, {"workers", required_argument, 0, 'w'},
         {"sqpoll", required_argument, 0, 'S'}, {"verify", required_argument, 0, 'v'},
         {"prefill", required_argument, 0, 'p'}, {"json", no_argument, 0, 'j'},
+        {"submit", required_argument, 0, 'U'}, {"contexts", required_argument, 0, 'C'},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c;
     bool runtime_set = false;
@@ -147,6 +156,14 @@ static int parse_options(int argc, char **argv, struct options *o) {
             break;
         case 't':
             if (parse_u32(optarg, 1, 256, &o->threads)) BAD("--threads must be 1 to 256");
+            break;
+        case 'U':
+            if (!strcmp(optarg, "thread")) o->submit_thread = true;
+            else if (!strcmp(optarg, "callback")) o->submit_thread = false;
+            else BAD("--submit must be callback or thread, not '%s'", optarg);
+            break;
+        case 'C':
+            if (parse_u32(optarg, 1, 256, &o->contexts)) BAD("--contexts must be 1 to 256");
             break;
         case 'f': o->path = optarg; break;
         case 's':
@@ -193,6 +210,8 @@ static int parse_options(int argc, char **argv, struct options *o) {
     if (o->io_count && !runtime_set) o->runtime = 0;
     if (o->runtime == 0 && o->io_count == 0) BAD("give a --runtime or a --number of I/Os");
     if (o->merge && o->merge_limit < o->bs) BAD("--merge limit must be at least --bs");
+    if (o->contexts > o->threads) BAD("--contexts must be at most --threads (each context serves whole jobs)");
+    if (o->merge && o->submit_thread) BAD("--merge works with --submit callback only");
     if (o->size < o->bs * o->threads) BAD("--size must hold at least one block per thread");
     if ((uint64_t)o->iodepth * o->threads > IOE_MAX_DEPTH) BAD("--iodepth x --threads must be at most %u", IOE_MAX_DEPTH);
     return 0;
@@ -260,7 +279,15 @@ struct bench;
 
 struct job {
     struct bench *b;
+    struct ioe_context *ctx;
     int index;
+    /* --submit thread: slots the callbacks finished, for the job's thread. */
+    pthread_t thread;
+    pthread_mutex_t ready_mu;
+    pthread_cond_t ready_cv;
+    struct ioslot **ready;
+    uint32_t ready_count;
+    bool thread_waiting;
     uint64_t region_start; /* this thread's part of the file */
     uint64_t region_blocks;
     struct ioslot *slots;
@@ -276,7 +303,7 @@ struct job {
 struct bench {
     struct options o;
     int fd;
-    struct ioe_context *ctx;
+    struct ioe_context **ctxs;
     struct ioe_workers *workers;
     struct job *jobs;
     _Atomic bool stop;
@@ -372,9 +399,9 @@ static void issue(struct ioslot *s) {
         }
         pthread_mutex_unlock(&j->merge_mu);
     } else if (s->is_read) {
-        rc = ioe_read(b->ctx, b->fd, s->buf, o->bs, s->offset, IOE_CHANNEL_READ, on_complete, s);
+        rc = ioe_read(j->ctx, b->fd, s->buf, o->bs, s->offset, IOE_CHANNEL_READ, on_complete, s);
     } else {
-        rc = ioe_write(b->ctx, b->fd, s->buf, o->bs, s->offset, IOE_CHANNEL_WRITE, on_complete, s);
+        rc = ioe_write(j->ctx, b->fd, s->buf, o->bs, s->offset, IOE_CHANNEL_WRITE, on_complete, s);
     }
     if (rc < 0) {
         report_error(b, "submit", rc, s->offset);
@@ -407,8 +434,49 @@ static void on_complete(void *user_data, int64_t result) {
         }
         pthread_mutex_unlock(&j->merge_mu);
     }
+    if (b->o.submit_thread) {
+        /* Hand the slot to the job's thread; wake it only if it sleeps. */
+        pthread_mutex_lock(&j->ready_mu);
+        j->ready[j->ready_count++] = s;
+        bool wake = j->thread_waiting;
+        j->thread_waiting = false;
+        pthread_mutex_unlock(&j->ready_mu);
+        if (wake) pthread_cond_signal(&j->ready_cv);
+        return;
+    }
     if (claim_io(b)) issue(s);
     else retire_slot(j);
+}
+
+/* --submit thread: the job's thread submits its first burst, then every slot
+ * the callbacks hand back, until all of its slots have retired. */
+static void *job_thread(void *arg) {
+    struct job *j = arg;
+    struct bench *b = j->b;
+    uint32_t depth = b->o.iodepth;
+    struct ioslot **batch = calloc(depth, sizeof *batch);
+    if (!batch) abort();
+    for (uint32_t i = 0; i < depth; i++) {
+        if (claim_io(b)) issue(&j->slots[i]);
+        else retire_slot(j);
+    }
+    while (atomic_load(&j->active) > 0) {
+        pthread_mutex_lock(&j->ready_mu);
+        while (j->ready_count == 0) {
+            j->thread_waiting = true;
+            pthread_cond_wait(&j->ready_cv, &j->ready_mu);
+        }
+        uint32_t n = j->ready_count;
+        memcpy(batch, j->ready, n * sizeof *batch);
+        j->ready_count = 0;
+        pthread_mutex_unlock(&j->ready_mu);
+        for (uint32_t i = 0; i < n; i++) {
+            if (claim_io(b)) issue(batch[i]);
+            else retire_slot(j);
+        }
+    }
+    free(batch);
+    return NULL;
 }
 
 /* -------------------------------------------------------------- file set-up */
@@ -491,6 +559,12 @@ static long rss_kib(void) {
     return resident * (sysconf(_SC_PAGESIZE) / 1024);
 }
 
+static int64_t running(struct bench *b) {
+    int64_t n = 0;
+    for (uint32_t c = 0; c < b->o.contexts; c++) n += ioe_context_running(b->ctxs[c]);
+    return n;
+}
+
 static uint64_t total_ios(struct bench *b) {
     uint64_t n = 0;
     for (uint32_t t = 0; t < b->o.threads; t++) n += atomic_load(&b->jobs[t].ios);
@@ -529,7 +603,9 @@ int main(int argc, char **argv) {
     struct ioe_context_options copts;
     ioe_context_options_init(&copts);
     copts.backend = o->backend;
-    copts.depth = o->iodepth * o->threads;
+    /* Each context holds the slots of the jobs it serves (job t uses context
+     * t % contexts). */
+    copts.depth = o->iodepth * ((o->threads + o->contexts - 1) / o->contexts);
     if (o->sqpoll) {
         copts.flags |= IOE_SETUP_SQPOLL;
         copts.sqpoll_idle_ms = o->sqpoll_idle_ms;
@@ -539,7 +615,10 @@ int main(int argc, char **argv) {
         if (rc < 0) return fprintf(stderr, "ioe-bench: workers: %s\n", ioe_strerror(rc)), 1;
         copts.workers = b->workers;
     }
-    int rc = ioe_context_create(&copts, &b->ctx);
+    b->ctxs = calloc(o->contexts, sizeof *b->ctxs);
+    if (!b->ctxs) return 1;
+    int rc = 0;
+    for (uint32_t c = 0; c < o->contexts && rc == 0; c++) rc = ioe_context_create(&copts, &b->ctxs[c]);
     if (rc < 0) {
         fprintf(stderr, "ioe-bench: cannot start the %s backend: %s\n", ioe_backend_name(o->backend), ioe_strerror(rc));
         if (is_temp) unlink(tmp_path);
@@ -547,7 +626,7 @@ int main(int argc, char **argv) {
          * ioe-bench; the test suite reports it as skipped). */
         return rc == -ENOSYS || rc == -EPERM || rc == -EACCES || rc == -EOPNOTSUPP ? 77 : 1;
     }
-    uint32_t backend = (uint32_t)ioe_context_backend(b->ctx);
+    uint32_t backend = (uint32_t)ioe_context_backend(b->ctxs[0]);
 
     /* Jobs, slots and buffers. */
     b->jobs = calloc(o->threads, sizeof *b->jobs);
@@ -556,7 +635,12 @@ int main(int argc, char **argv) {
     for (uint32_t t = 0; t < o->threads; t++) {
         struct job *j = &b->jobs[t];
         j->b = b;
+        j->ctx = b->ctxs[t % o->contexts];
         j->index = (int)t;
+        pthread_mutex_init(&j->ready_mu, NULL);
+        pthread_cond_init(&j->ready_cv, NULL);
+        j->ready = calloc(o->iodepth, sizeof *j->ready);
+        if (!j->ready) return 1;
         j->region_start = (uint64_t)t * blocks_per_job * o->bs;
         j->region_blocks = blocks_per_job;
         j->slots = calloc(o->iodepth, sizeof *j->slots);
@@ -573,14 +657,15 @@ int main(int argc, char **argv) {
         if (o->merge) {
             uint32_t op = (o->pattern == PAT_READ || o->pattern == PAT_RANDREAD) ? IOE_OP_READ : IOE_OP_WRITE;
             if (o->pattern == PAT_RANDRW) return fprintf(stderr, "ioe-bench: --merge needs a read-only or write-only pattern\n"), 2;
-            rc = ioe_merger_create(b->ctx, b->fd, op, op == IOE_OP_READ ? IOE_CHANNEL_READ : IOE_CHANNEL_WRITE,
+            rc = ioe_merger_create(j->ctx, b->fd, op, op == IOE_OP_READ ? IOE_CHANNEL_READ : IOE_CHANNEL_WRITE,
                                    o->merge_limit, &j->merger);
             if (rc < 0) return fprintf(stderr, "ioe-bench: merger: %s\n", ioe_strerror(rc)), 1;
         }
     }
 
-    fprintf(info, "ioe-bench: %s bs=%" PRIu64 " iodepth=%u threads=%u backend=%s direct=%d merge=%s workers=%u%s %s=%g\n",
-            PATTERN_NAMES[o->pattern], o->bs, o->iodepth, o->threads, ioe_backend_name(backend), o->direct,
+    fprintf(info, "ioe-bench: %s bs=%" PRIu64 " iodepth=%u threads=%u contexts=%u submit=%s backend=%s direct=%d merge=%s workers=%u%s %s=%g\n",
+            PATTERN_NAMES[o->pattern], o->bs, o->iodepth, o->threads, o->contexts,
+            o->submit_thread ? "thread" : "callback", ioe_backend_name(backend), o->direct,
             o->merge ? "on" : "off", o->workers, o->sqpoll ? " sqpoll" : "", o->io_count ? "ios" : "runtime",
             o->io_count ? (double)o->io_count : o->runtime);
 
@@ -593,6 +678,11 @@ int main(int argc, char **argv) {
     for (uint32_t t = 0; t < o->threads; t++) atomic_store(&b->jobs[t].active, (long)o->iodepth);
     for (uint32_t t = 0; t < o->threads; t++) {
         struct job *j = &b->jobs[t];
+        if (o->submit_thread) {
+            if (pthread_create(&j->thread, NULL, job_thread, j) != 0)
+                return fprintf(stderr, "ioe-bench: cannot start a submitting thread\n"), 1;
+            continue;
+        }
         for (uint32_t i = 0; i < o->iodepth; i++) {
             if (claim_io(b)) issue(&j->slots[i]);
             else retire_slot(j);
@@ -621,7 +711,7 @@ int main(int argc, char **argv) {
             double secs = (double)(now - last_t) / 1e9;
             fprintf(stderr, "[%5.1fs] %10.0f IOPS %9.1f MiB/s  in flight %" PRId64 "  RSS %ld KiB\n",
                     (double)(now - t_start) / 1e9, (double)(ios - last_ios) / secs,
-                    (double)(ios - last_ios) * (double)o->bs / secs / 1048576.0, ioe_context_running(b->ctx), rss_kib());
+                    (double)(ios - last_ios) * (double)o->bs / secs / 1048576.0, running(b), rss_kib());
             last_ios = ios;
             last_t = now;
         }
@@ -629,6 +719,8 @@ int main(int argc, char **argv) {
     pthread_mutex_unlock(&b->done_mu);
     uint64_t t_end = now_ns();
     double cpu = cpu_seconds() - cpu_start;
+    if (o->submit_thread)
+        for (uint32_t t = 0; t < o->threads; t++) pthread_join(b->jobs[t].thread, NULL);
 
     for (uint32_t t = 0; t < o->threads; t++)
         if (b->jobs[t].merger) ioe_merger_destroy(b->jobs[t].merger);
@@ -640,9 +732,16 @@ int main(int argc, char **argv) {
         nanosleep(&half, NULL);
         idle_cpu_ms = (cpu_seconds() - before) * 1000.0;
     }
-    struct ioe_stats stats;
-    ioe_context_stats(b->ctx, &stats);
-    ioe_context_destroy(b->ctx);
+    struct ioe_stats stats = {0};
+    for (uint32_t c = 0; c < o->contexts; c++) {
+        struct ioe_stats one;
+        ioe_context_stats(b->ctxs[c], &one);
+        stats.memory_bytes += one.memory_bytes;
+        stats.memory_per_slot = one.memory_per_slot;
+        stats.merged += one.merged;
+        ioe_context_destroy(b->ctxs[c]);
+    }
+    free(b->ctxs);
     if (b->workers) ioe_workers_destroy(b->workers);
     long rss_end = rss_kib();
 
@@ -674,14 +773,14 @@ int main(int argc, char **argv) {
 
     if (o->json) {
         printf("{\"tool\":\"ioe-bench\",\"version\":\"%s\",\"backend\":\"%s\",\"pattern\":\"%s\",\"bs\":%" PRIu64
-               ",\"iodepth\":%u,\"threads\":%u,\"direct\":%d,\"merge\":%" PRIu64 ",\"workers\":%u,\"sqpoll\":%d,"
+               ",\"iodepth\":%u,\"threads\":%u,\"contexts\":%u,\"submit\":\"%s\",\"direct\":%d,\"merge\":%" PRIu64 ",\"workers\":%u,\"sqpoll\":%d,"
                "\"seconds\":%.6f,\"ios\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"iops\":%.1f,\"mib_s\":%.3f,"
                "\"cpu_seconds\":%.6f,\"cpu_us_per_io\":%.4f,\"lat_us\":{\"p50\":%.3f,\"p99\":%.3f,\"p99_9\":%.3f,"
                "\"max\":%.3f},\"errors\":%" PRIu64 ",\"verify_mismatches\":%" PRIu64 ",\"verified\":%s,"
                "\"engine_memory_bytes\":%" PRIu64 ",\"engine_bytes_per_slot\":%" PRIu64 ",\"merged\":%" PRIu64
                ",\"rss_kib_start\":%ld,\"rss_kib_end\":%ld}\n",
                ioe_version_string(), ioe_backend_name(backend), PATTERN_NAMES[o->pattern], o->bs, o->iodepth,
-               o->threads, o->direct, o->merge ? o->merge_limit : 0, o->workers, o->sqpoll, secs, ios, bytes, iops,
+               o->threads, o->contexts, o->submit_thread ? "thread" : "callback", o->direct, o->merge ? o->merge_limit : 0, o->workers, o->sqpoll, secs, ios, bytes, iops,
                mibs, cpu, cpu_per_io_us, p50, p99, p999, pmax, errors, mismatches, o->verify ? "true" : "false",
                stats.memory_bytes, stats.memory_per_slot, stats.merged, rss_start, rss_end);
     } else {
@@ -701,6 +800,7 @@ int main(int argc, char **argv) {
     for (uint32_t t = 0; t < o->threads; t++) {
         for (uint32_t i = 0; i < o->iodepth; i++) ioe_buffer_free(b->jobs[t].slots[i].buf);
         free(b->jobs[t].slots);
+        free(b->jobs[t].ready);
         free(b->jobs[t].hist);
     }
     free(b->jobs);

@@ -21,8 +21,15 @@ rows at depth 32 and every page-cache row, through bench/io-engine-peer
 (built here with cargo on first use; its AIO bindings need clang,
 libclang-dev and libaio-dev; skipped with a message if it cannot be built).
 
+Several submitting threads: 1, 2 and 4 jobs of depth 32 each, page cache and
+O_DIRECT, both backends, as ioe-bench with callbacks submitting (one context),
+with a thread per job submitting into one shared context, and with a thread
+and a context per job, next to fio with as many jobs; every run of a cell's
+round rotates, and CPU is each process's own (getrusage of the child).
+--scaling-only measures just that table and keeps the rest of latest.json.
+
 Usage: python3 bench/vs_fio.py [--ioe-bench PATH] [--file PATH] [--size 1g]
-                                [--runtime 5] [--pairs 3] [--quick]
+                                [--runtime 5] [--pairs 3] [--quick] [--scaling-only]
 """
 import argparse
 import datetime
@@ -30,6 +37,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shlex
 import statistics
 import subprocess
@@ -250,6 +258,93 @@ def compare(args, w, with_peer=False, with_crate=False):
     return {"workload": w, "ioe": a, "fio": b, "ratio": ratio, "paired_iops_ratio": paired, "ioe_runs": a_runs,
             **peer, "fio_runs": b_runs,
             "ioe_command": shlex.join(ioe_cmd(args, w)), "fio_command": shlex.join(fio_cmd(args, w))}
+
+
+SCALING_THREADS = (1, 2, 4)
+SCALING_TOOLS = (("ioe callback, 1 context", "callback", False), ("ioe thread, 1 context", "thread", False),
+                 ("ioe thread, own contexts", "thread", True), ("fio", None, None))
+
+
+def scaling_cmd(args, backend, direct, threads, submit, own_contexts):
+    if submit is None:
+        return fio_cmd(args, {"backend": backend, "rw": "randread", "qd": 32, "direct": direct}) + [
+            f"--numjobs={threads}", "--group_reporting"]
+    return ioe_cmd(args, {"backend": backend, "rw": "randread", "qd": 32, "direct": direct}) + [
+        "--threads", str(threads), "--submit", submit, "--contexts", str(threads if own_contexts else 1)]
+
+
+def timed_run(cmd):
+    """Runs cmd; its output and the CPU seconds the child used (user + system,
+    every thread), so every tool is measured the same way."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = run(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def scaling(args):
+    """Aggregate IOPS and CPU per I/O for 1, 2 and 4 submitting threads. In
+    each round of a (backend, cache) cell every tool and thread count runs
+    once, in an order that rotates every round, so drift spreads over all."""
+    cells = []
+    for backend in ("uring", "aio"):
+        for direct in (0, 1):
+            kind = "O_DIRECT" if direct else "page cache"
+            if not direct:
+                subprocess.run(["cat", args.file], stdout=subprocess.DEVNULL, check=True)
+            combos = [(name, submit, own, n) for name, submit, own in SCALING_TOOLS for n in SCALING_THREADS
+                      if not (own and n == 1)]  # one thread with its own context is the shared row
+            runs = {}
+            for i in range(args.pairs):
+                order = combos[i % len(combos):] + combos[:i % len(combos)]
+                for name, submit, own, n in order:
+                    out, cpu = timed_run(scaling_cmd(args, backend, direct, n, submit, own))
+                    iops = (ioe_figures if submit else fio_figures)(out)["iops"]
+                    runs.setdefault((name, n), []).append({"iops": iops, "cpu_s": cpu,
+                                                           "cpu_us_per_io": cpu / (iops * args.runtime) * 1e6})
+            rows = []
+            for name, submit, own in SCALING_TOOLS:
+                per_n = {}
+                one_thread = ("ioe thread, 1 context", 1) if own else (name, 1)
+                for n in SCALING_THREADS:
+                    r = runs[one_thread if n == 1 else (name, n)]
+                    per_n[n] = {"iops": statistics.median(x["iops"] for x in r),
+                                "cpu_us_per_io": statistics.median(x["cpu_us_per_io"] for x in r), "runs": r}
+                    if n > 1:
+                        per_n[n]["paired_vs_1"] = paired_ratio(r, runs[one_thread], "iops")
+                rows.append({"tool": name, "threads": {str(n): v for n, v in per_n.items()},
+                             "command_4": shlex.join(scaling_cmd(args, backend, direct, 4, submit, own))})
+                line = "  ".join(f"{n}: {per_n[n]['iops']:>8.0f} IOPS {per_n[n]['cpu_us_per_io']:.2f} us"
+                                 for n in SCALING_THREADS)
+                worst = min(per_n[n]["paired_vs_1"]["median"] for n in SCALING_THREADS[1:])
+                print(f"  {backend} {kind:<10} {name:<26} {line}  worst N/1 {worst:.2f}", flush=True)
+            cells.append({"backend": backend, "direct": direct, "rows": rows})
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "arguments": " ".join(shlex.quote(a) for a in sys.argv[1:]), "pairs": args.pairs,
+            "runtime": args.runtime, "cells": cells}
+
+
+def scaling_markdown(sc):
+    lines = ["", f"Several submitting threads (measured {sc['date']}, `python3 bench/vs_fio.py {sc['arguments']}`): "
+             "1, 2 and 4 jobs, each keeping 32 random 4 KiB reads in flight; aggregate IOPS and CPU per I/O (the "
+             "child process's user + system time over its I/Os, the same measure for every tool). 'callback': "
+             "completion callbacks submit the next read, one context; 'thread': each job's own thread submits every "
+             "read and callbacks hand finished slots back to it, into one shared context or a context per thread; "
+             "fio: `--numjobs` with as many jobs, each its own ring or AIO context. In every round of a cell each "
+             f"tool and thread count runs once ({sc['pairs']} rounds, {sc['runtime']:g} s runs, order rotating); "
+             "medians. 'N/1' is the paired ratio of the N-thread IOPS over the 1-thread IOPS of the same tool in "
+             "the same round: below 1.0 means more threads made it slower.", "",
+             "| backend | cache | tool | 1 thread IOPS | 2 threads | 4 threads | CPU/IO us 1 / 2 / 4 | 2/1 (95% CI) | 4/1 (95% CI) |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for cell in sc["cells"]:
+        kind = "O_DIRECT" if cell["direct"] else "page cache"
+        for row in cell["rows"]:
+            t = row["threads"]
+            lines.append(f"| {cell['backend']} | {kind} | {row['tool']} | {t['1']['iops']:.0f} | {t['2']['iops']:.0f} | "
+                         f"{t['4']['iops']:.0f} | {t['1']['cpu_us_per_io']:.2f} / {t['2']['cpu_us_per_io']:.2f} / "
+                         f"{t['4']['cpu_us_per_io']:.2f} | {paired_text(t['2'].get('paired_vs_1'))} | "
+                         f"{paired_text(t['4'].get('paired_vs_1'))} |")
+    return lines
 
 
 def merge_pair(args, w_merged, w_plain):
@@ -473,6 +568,8 @@ def write_markdown(results, path):
                     if "fio_128k" in c else "- | - | - | -")
         lines.append(f"| {c['workload']['label']} | {c['merged']['mib_s']:.0f} | {c['unmerged']['mib_s']:.0f} | "
                      f"{c['ratio_mib_s']:.2f} | {fio_cols} |")
+    if results.get("scaling"):
+        lines += scaling_markdown(results["scaling"])
     slot = [c["ioe"]["bytes_per_slot"] for c in results["comparisons"] if c["workload"]["backend"] == "uring"]
     slot_aio = [c["ioe"]["bytes_per_slot"] for c in results["comparisons"] if c["workload"]["backend"] == "aio"]
     lines += ["", f"Engine memory per in-flight slot (ring/AIO share, slot, request record): io_uring "
@@ -490,6 +587,10 @@ def write_markdown(results, path):
     for c in results["merging"]:
         lines += [f"- {c['workload']['label']}:", f"  - `{c['merged_command']}`", f"  - `{c['unmerged_command']}`"]
         lines += [f"  - `{c[k]}`" for k in ("fio_128k_command", "fio_4k_command") if k in c]
+    if results.get("scaling"):
+        lines.append("- several submitting threads, 4 threads (1 and 2 the same with the counts changed):")
+        for cell in results["scaling"]["cells"]:
+            lines += [f"  - `{row['command_4']}`" for row in cell["rows"]]
     lines += ["", "Raw runs and medians: `bench/results/latest.json`.", ""]
     write_section(path, "block", "\n".join(lines))
 
@@ -514,6 +615,8 @@ def main():
     p.add_argument("--pool", nargs="+", metavar="JSON",
                    help="with --render-only: also pool the single runs of these earlier results files with the "
                         "latest ones, row by row, into a second table (more pairs, steadier medians)")
+    p.add_argument("--scaling-only", action="store_true",
+                   help="measure only the several-submitting-threads table, keeping the rest of latest.json")
     p.add_argument("--render-only", action="store_true",
                    help="rewrite BENCHMARKS.md and the plot from the saved latest.json, measuring nothing")
     args = p.parse_args()
@@ -541,6 +644,18 @@ def main():
     print(f"writing {args.size} to {args.file}", flush=True)
     run(["fio", "--name=fill", f"--filename={args.file}", f"--size={args.size}", "--rw=write", "--bs=1m",
          "--direct=1", "--ioengine=psync", "--output-format=json"])
+
+    if args.scaling_only:
+        with open(os.path.join(args.out_dir, "latest.json")) as f:
+            results = json.load(f)
+        print("several submitting threads", flush=True)
+        results["scaling"] = scaling(args)
+        with open(os.path.join(args.out_dir, "latest.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        write_markdown(results, args.markdown)
+        print(f"wrote {args.out_dir}/latest.json and {args.markdown}")
+        os.unlink(args.file)
+        return
 
     qds = [1, 32, 128] if args.quick else [1, 4, 16, 32, 64, 128]
     comparisons = []
@@ -578,6 +693,9 @@ def main():
             merging.append(merge_pair(args, dict(base, label=f"seq write 4k {kind} QD128 {backend}", merge="128k"),
                                       dict(base, label=f"seq write 4k {kind} QD128 {backend} (unmerged)")))
 
+    print("several submitting threads", flush=True)
+    scaling_results = scaling(args)
+
     print(f"long run: {args.soak:.0f} s of 4 KiB random read/write, RSS at start and end", flush=True)
     soak_cmd = [ioe_cmd(args, {"backend": "auto", "rw": "randrw", "qd": 32, "direct": 1})[0], "--rw", "randrw", "--iodepth", "32", "--direct", "1", "--filename", args.file,
                 "--size", args.size, "--runtime", str(args.soak), "--verify", "1", "--json"]
@@ -591,7 +709,8 @@ def main():
                               "--size", args.size, "--verify", "0", "--json"]))["version"]
     results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "arguments": " ".join(shlex.quote(a) for a in sys.argv[1:]), "pairs": args.pairs,
-               "ioengine_version": version, "machine": machine(args), "comparisons": comparisons, "merging": merging, "soak": soak}
+               "ioengine_version": version, "machine": machine(args), "comparisons": comparisons, "merging": merging, "soak": soak,
+               "scaling": scaling_results}
     with open(os.path.join(args.out_dir, "latest.json"), "w") as f:
         json.dump(results, f, indent=1)
     direct_points = [c for c in comparisons if c["workload"]["direct"] and not c["workload"].get("workers")]
