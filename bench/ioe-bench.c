@@ -362,8 +362,8 @@ static void retire_slot(struct job *j) {
     }
 }
 
-/* Picks the slot's next operation and offset and submits it. */
-static void issue(struct ioslot *s) {
+/* Picks the slot's next operation and offset. */
+static void next_io(struct ioslot *s) {
     struct job *j = s->job;
     struct bench *b = j->b;
     const struct options *o = &b->o;
@@ -383,6 +383,14 @@ static void issue(struct ioslot *s) {
     s->offset = j->region_start + block * o->bs;
     if (!s->is_read && o->verify) fill_block(s->buf, o->bs, s->offset);
     s->start_ns = now_ns();
+}
+
+/* Picks the slot's next operation and offset and submits it. */
+static void issue(struct ioslot *s) {
+    struct job *j = s->job;
+    struct bench *b = j->b;
+    const struct options *o = &b->o;
+    next_io(s);
     int rc;
     if (j->merger) {
         /* Flush when the run is full (the merger does it) or when nothing else
@@ -455,7 +463,8 @@ static void *job_thread(void *arg) {
     struct bench *b = j->b;
     uint32_t depth = b->o.iodepth;
     struct ioslot **batch = calloc(depth, sizeof *batch);
-    if (!batch) abort();
+    struct ioe_request *reqs = calloc(depth, sizeof *reqs);
+    if (!batch || !reqs) abort();
     for (uint32_t i = 0; i < depth; i++) {
         if (claim_io(b)) issue(&j->slots[i]);
         else retire_slot(j);
@@ -470,12 +479,38 @@ static void *job_thread(void *arg) {
         memcpy(batch, j->ready, n * sizeof *batch);
         j->ready_count = 0;
         pthread_mutex_unlock(&j->ready_mu);
+        /* The slots handed back go in as one batch, as a liburing user
+         * prepares several entries and submits them with one call. */
+        uint32_t queued = 0;
         for (uint32_t i = 0; i < n; i++) {
-            if (claim_io(b)) issue(batch[i]);
-            else retire_slot(j);
+            struct ioslot *s = batch[i];
+            if (!claim_io(b)) {
+                retire_slot(j);
+                continue;
+            }
+            next_io(s);
+            reqs[queued++] = (struct ioe_request){
+                .op = s->is_read ? IOE_OP_READ : IOE_OP_WRITE,
+                .channel = s->is_read ? IOE_CHANNEL_READ : IOE_CHANNEL_WRITE,
+                .fd = b->fd, .buf = s->buf, .len = b->o.bs, .offset = s->offset,
+                .callback = on_complete, .user_data = s};
+        }
+        for (uint32_t done = 0; done < queued;) {
+            int64_t rc = ioe_submit_batch(j->ctx, reqs + done, queued - done);
+            if (rc < 0) {
+                /* The first one was refused: count it and go on with the rest. */
+                struct ioslot *s = reqs[done].user_data;
+                report_error(b, "submit", rc, s->offset);
+                atomic_fetch_add(&j->errors, 1);
+                retire_slot(j);
+                done++;
+            } else {
+                done += (uint32_t)rc;
+            }
         }
     }
     free(batch);
+    free(reqs);
     return NULL;
 }
 

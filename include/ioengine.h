@@ -947,10 +947,17 @@ int ioe_conn_peer(const struct ioe_conn *conn, void *addr, uint32_t *len);
 int ioe_submit(struct ioe_context *ctx, const struct ioe_request *req);
 
 /**
- * Queues `count` requests in order, stopping at the first one refused.
- * Returns how many were queued (their callbacks will run); if the first is
- * refused, its negative errno instead (as ioe_submit). 0 for count 0.
- * -EINVAL for NULL `ctx`, or NULL `reqs` with count > 0.
+ * Queues `count` requests in order, stopping at the first one refused,
+ * and hands the queued ones to the kernel together: on the calling thread
+ * when no other thread is submitting for the context at that moment (one
+ * system call for the batch and no wake-up of the submitter thread, as
+ * liburing's io_uring_submit; it never waits for the I/O, though for data
+ * in the page cache the kernel copies it within the call), else on the
+ * submitter thread. Prefer it to a loop of ioe_submit when a thread issues
+ * several requests at once. Returns how many were queued (their callbacks
+ * will run); if the first is refused, its negative errno instead (as
+ * ioe_submit). 0 for count 0. -EINVAL for NULL `ctx`, or NULL `reqs` with
+ * count > 0. Any thread may call it, also from callbacks.
  */
 int64_t ioe_submit_batch(struct ioe_context *ctx, const struct ioe_request *reqs, size_t count);
 

@@ -275,6 +275,11 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
         if POLLER_OF.with(|p| p.get()) == self as *const Self as usize {
             return;
         }
+        // Inside a batch the submission waits for the batch's end.
+        if BATCH_OF.with(|b| b.get()) == self as *const Self as usize {
+            BATCH_OWED.with(|owed| owed.set(true));
+            return;
+        }
         if in_callback_of(&self.tracker) && self.submit_directly() {
             return;
         }
@@ -377,6 +382,33 @@ thread_local! {
     static POLLER_OF: Cell<usize> = const { Cell::new(0) };
 }
 
+thread_local! {
+    /// The shared context a batch on this thread is queueing into (0 if none).
+    static BATCH_OF: Cell<usize> = const { Cell::new(0) };
+    /// Whether the batch queued something that still has to be submitted.
+    static BATCH_OWED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A batch of submissions from one thread (see [`IOContext::batch`]).
+pub struct SubmitBatch<'a, C: IOCallbackCustom> {
+    ctx: &'a IOContext<C>,
+    /// Whether this guard opened the thread's batch (an inner or another
+    /// context's batch on the same thread leaves it to the outer one).
+    owner: bool,
+}
+
+impl<C: IOCallbackCustom> Drop for SubmitBatch<'_, C> {
+    fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
+        BATCH_OF.with(|b| b.set(0));
+        if BATCH_OWED.with(|owed| owed.replace(false)) {
+            self.ctx.submit_batched();
+        }
+    }
+}
+
 /// Marks the current thread as the poller of a context for its lifetime.
 /// Events queued from that poller's inline callbacks need no submitter
 /// wake-up: the poller submits them itself after its completion batch.
@@ -456,6 +488,38 @@ impl<C: IOCallbackCustom> IOContext<C> {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }
         self.enqueue_gated(event, channel, false)
+    }
+
+    /// Starts a batch: events submitted from this thread until the returned
+    /// guard drops are handed to the kernel together when it drops, by this
+    /// thread itself if no other thread is submitting for the context right
+    /// then (one system call for the batch and no thread hop, as a liburing
+    /// user's own `io_uring_submit`), else by the submitter thread.
+    /// Events submitted inside the batch may wait for its end, so never
+    /// wait for their completion while holding the guard. Only the
+    /// outermost batch on a thread counts; submissions to another context
+    /// inside it are not batched.
+    pub fn batch(&self) -> SubmitBatch<'_, C> {
+        let me = &*self.inner as *const IoSharedContext<C> as usize;
+        // Only the outermost batch on a thread batches; a batch of another
+        // context opened inside it submits as usual.
+        let owner = BATCH_OF.with(|b| b.get()) == 0;
+        if owner {
+            BATCH_OF.with(|b| b.set(me));
+            BATCH_OWED.with(|o| o.set(false));
+        }
+        SubmitBatch { ctx: self, owner }
+    }
+
+    /// The end of a batch that queued events.
+    fn submit_batched(&self) {
+        let inner = &*self.inner;
+        if POLLER_OF.with(|p| p.get()) == inner as *const IoSharedContext<C> as usize {
+            return;
+        }
+        if !inner.submit_directly() {
+            let _ = self.noti_sender.try_send(());
+        }
     }
 
     /// What `submit` refuses synchronously (an errno), before queueing.

@@ -31,7 +31,9 @@ pub mod tasks;
 
 pub use callback_worker::{in_callback, IOWorkers};
 pub use common::{poll_request_from_queues, SlotCollection};
-pub use context::{ContextOptions, IOContext, IoSharedContext, IoStats, SubmitError, DEFAULT_DEPTH, MAX_DEPTH};
+pub use context::{
+    ContextOptions, IOContext, IoSharedContext, IoStats, SubmitBatch, SubmitError, DEFAULT_DEPTH, MAX_DEPTH,
+};
 pub use driver::{uring_supported, Backend, BACKEND_ENV};
 pub use merge::{MergeSubmitter, MAX_MERGE_EVENTS};
 pub use tasks::{Buffer, ClosureCb, IOAction, IOCallbackCustom, IOChannel, IOEvent, DIRECT_IO_ALIGN};

@@ -721,3 +721,82 @@ fn callbacks_on_pool_threads_chain_writes_fallocate_and_fsync() {
         }
     }
 }
+
+/// Batches (`IOContext::batch`) from plain threads and from callbacks, one
+/// nested in another and one of a second context inside: every event is
+/// submitted when the outermost batch ends, whichever thread ends it, and
+/// reads back the right bytes.
+#[test]
+fn batches_submit_everything_when_they_end() {
+    const THREADS: usize = 3;
+    const PER_THREAD: usize = 200; // more than the depth: some wait in the queues
+    const FILE_BLOCKS: usize = 128;
+    for backend in backends() {
+        for workers in worker_modes() {
+            let file = Arc::new(TempFile::new("batch", 0, false));
+            let mut pattern = vec![0u8; FILE_BLOCKS * 512];
+            Rng::new(11).fill(&mut pattern);
+            std::fs::write(&file.path, &pattern).unwrap();
+            let ctx = context(backend, 32, &workers);
+            let other = context(backend, 4, &workers);
+            let col = Collector::new();
+            let chained = Arc::new(AtomicUsize::new(0));
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let (ctx, other, col, file, chained) =
+                        (ctx.clone(), other.clone(), col.clone(), file.clone(), chained.clone());
+                    s.spawn(move || {
+                        let read = |tag: u64| {
+                            let off = (tag as usize % FILE_BLOCKS * 512) as u64;
+                            col.event(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Read, off, tag)
+                        };
+                        let _batch = ctx.batch();
+                        for i in 0..PER_THREAD {
+                            let tag = (t * PER_THREAD + i) as u64;
+                            if i == PER_THREAD / 2 {
+                                // Nested: its end submits nothing, the outer one does.
+                                let _inner = ctx.batch();
+                                ctx.submit(read(tag), IOChannel::Read).unwrap();
+                                // Another context's batch inside: not batched at all.
+                                let _elsewhere = other.batch();
+                                other.submit(read(1_000_000 + t as u64), IOChannel::Read).unwrap();
+                                continue;
+                            }
+                            let mut event = read(tag);
+                            if i == 0 {
+                                // A callback that submits two follow-ups in a batch of its own.
+                                let (ctx2, file2, col2, chained2) =
+                                    (ctx.clone(), file.clone(), col.clone(), chained.clone());
+                                col.attach_then(&mut event, tag, move || {
+                                    let _batch = ctx2.batch();
+                                    for k in 0..2u64 {
+                                        let follow = 2_000_000 + tag * 2 + k;
+                                        let off = (follow as usize % FILE_BLOCKS * 512) as u64;
+                                        let buf = Buffer::aligned(512).unwrap();
+                                        let e = col2.event(file2.fd(), buf, IOAction::Read, off, follow);
+                                        ctx2.submit(e, IOChannel::Read).unwrap();
+                                    }
+                                    chained2.fetch_add(1, Ordering::SeqCst);
+                                });
+                            }
+                            ctx.submit(event, IOChannel::Read).unwrap();
+                        }
+                    });
+                }
+            });
+            let total = THREADS * PER_THREAD + THREADS + 2 * THREADS;
+            let mut tags = HashSet::new();
+            for done in col.wait(total) {
+                assert!(tags.insert(done.tag), "{backend}: tag {} completed twice", done.tag);
+                assert_eq!(done.result, 512, "{backend}: tag {}", done.tag);
+                let off = done.offset as usize;
+                assert_eq!(done.buf.unwrap().as_slice(), &pattern[off..off + 512], "{backend}: tag {}", done.tag);
+            }
+            assert!(col.drain_ready().is_empty(), "{backend}: extra completions");
+            assert_eq!(chained.load(Ordering::SeqCst), THREADS);
+            let stats = ctx.stats();
+            assert_eq!((stats.completed, stats.failed), ((THREADS * PER_THREAD + 2 * THREADS) as u64, 0));
+            assert_eq!(other.stats().completed, THREADS as u64);
+        }
+    }
+}

@@ -172,10 +172,17 @@ pub extern "C" fn ioe_submit(ctx: *mut ioe_context, req: *const ioe_request) -> 
     })
 }
 
-/// Queues `count` requests in order, stopping at the first one refused.
-/// Returns how many were queued (their callbacks will run); if the first is
-/// refused, its negative errno instead (as ioe_submit). 0 for count 0.
-/// -EINVAL for NULL `ctx`, or NULL `reqs` with count > 0.
+/// Queues `count` requests in order, stopping at the first one refused,
+/// and hands the queued ones to the kernel together: on the calling thread
+/// when no other thread is submitting for the context at that moment (one
+/// system call for the batch and no wake-up of the submitter thread, as
+/// liburing's io_uring_submit; it never waits for the I/O, though for data
+/// in the page cache the kernel copies it within the call), else on the
+/// submitter thread. Prefer it to a loop of ioe_submit when a thread issues
+/// several requests at once. Returns how many were queued (their callbacks
+/// will run); if the first is refused, its negative errno instead (as
+/// ioe_submit). 0 for count 0. -EINVAL for NULL `ctx`, or NULL `reqs` with
+/// count > 0. Any thread may call it, also from callbacks.
 #[no_mangle]
 pub extern "C" fn ioe_submit_batch(ctx: *mut ioe_context, reqs: *const ioe_request, count: usize) -> i64 {
     super::guard64(|| {
@@ -188,6 +195,8 @@ pub extern "C" fn ioe_submit_batch(ctx: *mut ioe_context, reqs: *const ioe_reque
         }
         // SAFETY: non-null; the caller promises `count` initialised requests.
         let reqs = unsafe { std::slice::from_raw_parts(reqs, count) };
+        // Handed to the kernel together when the batch ends.
+        let _batch = ctx.ctx.batch();
         for (i, req) in reqs.iter().enumerate() {
             let rc = submit_one(ctx, req);
             if rc < 0 {

@@ -145,9 +145,15 @@ impl Collector {
 
     /// Attaches a callback that reports to this collector.
     pub fn attach(&self, ev: &mut IOEvent<ClosureCb>, tag: u64) {
+        self.attach_then(ev, tag, || {});
+    }
+
+    /// Attaches a callback that runs `first`, then reports to this collector.
+    pub fn attach_then(&self, ev: &mut IOEvent<ClosureCb>, tag: u64, first: impl FnOnce() + Send + 'static) {
         ev.user_tag = tag;
         let tx = self.tx.clone();
         ev.set_callback(ClosureCb::new(move |mut ev| {
+            first();
             let done = Done {
                 tag: ev.user_tag,
                 result: ev.result().expect("callback without a result"),
