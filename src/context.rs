@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -169,6 +169,9 @@ pub struct IoSharedContext<C: IOCallbackCustom> {
     /// callbacks running on pool threads (see `enqueue`). Installed when the
     /// driver has started, removed by its submitter once the context drained.
     pub(crate) direct_submit: Mutex<Option<DirectSubmit<C>>>,
+    /// Set by a thread that found `direct_submit` busy: its holder runs the
+    /// step once more before it leaves (see `submit_directly`).
+    direct_pending: AtomicBool,
 }
 
 /// The driver's poller hand-back with nothing freed: moves queued events into
@@ -202,6 +205,7 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
             driver_bytes: AtomicUsize::new(0),
             setup_flags: AtomicU32::new(0),
             direct_submit: Mutex::new(None),
+            direct_pending: AtomicBool::new(false),
         });
         (shared, noti_receiver)
     }
@@ -287,15 +291,43 @@ impl<C: IOCallbackCustom> IoSharedContext<C> {
     }
 
     /// Runs the driver's direct submission step; false (nothing done) if
-    /// another thread is using it or the driver has none (not started, or
-    /// already drained).
+    /// the driver has none (not started, or already drained). If another
+    /// thread is running it, leaves a mark instead and that thread runs it
+    /// once more for us: one thread at a time enters the kernel for the
+    /// context, where two would contend for the ring's lock.
     fn submit_directly(&self) -> bool {
-        match self.direct_submit.try_lock().as_deref() {
-            Some(Some(submit)) => {
-                submit(self);
-                true
+        let mut guard = match self.direct_submit.try_lock() {
+            Some(guard) => guard,
+            None => {
+                // Mark, then try again: the holder unlocks before it checks
+                // the mark, so (SeqCst on both sides) either it sees the
+                // mark or this thread gets the lock.
+                self.direct_pending.store(true, Ordering::SeqCst);
+                fence(Ordering::SeqCst);
+                match self.direct_submit.try_lock() {
+                    Some(guard) => guard,
+                    None => return true,
+                }
             }
-            _ => false,
+        };
+        loop {
+            let Some(submit) = guard.as_deref() else { return false };
+            // A mark left before this step is covered by it: whatever the
+            // marking thread queued is in the queues already.
+            if self.direct_pending.load(Ordering::SeqCst) {
+                self.direct_pending.store(false, Ordering::SeqCst);
+            }
+            submit(self);
+            drop(guard);
+            fence(Ordering::SeqCst);
+            if !self.direct_pending.load(Ordering::SeqCst) {
+                return true;
+            }
+            guard = match self.direct_submit.try_lock() {
+                Some(guard) => guard,
+                // Whoever holds it now sees the mark after its own step.
+                None => return true,
+            };
         }
     }
 

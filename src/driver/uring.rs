@@ -75,8 +75,8 @@ struct UringInner<C: IOCallbackCustom> {
     /// back-off, so the poller and pool threads never spin on it.
     stalled: AtomicBool,
     /// Pool callbacks: whether pool threads' follow-ups go to the submitter
-    /// thread, and what decides it (`PoolSplit`). None otherwise.
-    pool_split: Option<PoolSplit>,
+    /// thread, and what decides it (`DirectSplit`). None otherwise.
+    direct_split: Option<DirectSplit>,
     /// IOPOLL only: the poller sleeps here while nothing is in flight (an
     /// IOPOLL ring does not block in `io_uring_enter`); every submission
     /// from another thread rings it.
@@ -146,13 +146,13 @@ impl<C: IOCallbackCustom> UringInner<C> {
     /// that takes nothing (another thread submitted them) ends it.
     fn enter_published(&self, mut pending: usize) -> io::Result<()> {
         while pending > 0 {
-            let before = self.pool_split.as_ref().map(|split| split.tail.load());
+            let before = self.direct_split.as_ref().map(|split| split.tail.load());
             let consumed = match self.ring.submitter().submit() {
                 Ok(consumed) => consumed,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(e),
             };
-            if let (Some(split), Some(before)) = (&self.pool_split, before) {
+            if let (Some(split), Some(before)) = (&self.direct_split, before) {
                 split.record(consumed, split.tail.load().wrapping_sub(before) as usize);
             }
             if consumed == 0 || self.sqpoll {
@@ -265,10 +265,10 @@ impl UringDriver {
         let free_sender_direct = free_sender.clone();
         let (retry_sender, retry_ids) = channel::bounded(ctx.depth);
         let iopoll = flags & setup::IOPOLL != 0;
-        let pool_split = (!ctx.cb_workers.is_inline() && flags & (setup::SQPOLL | setup::IOPOLL) == 0)
+        let direct_split = (flags & (setup::SQPOLL | setup::IOPOLL) == 0)
             .then(|| CqTail::new(&ring).ok())
             .flatten()
-            .map(PoolSplit::new);
+            .map(DirectSplit::new);
         let inner = Arc::new(UringInner {
             ring,
             slots,
@@ -278,7 +278,7 @@ impl UringDriver {
             free_ids,
             retry_ids,
             stalled: AtomicBool::new(false),
-            pool_split,
+            direct_split,
             idle_wake: iopoll.then(|| channel::bounded(1)),
         });
 
@@ -292,7 +292,7 @@ impl UringDriver {
             start_engine_thread("ioe-uring-submit", move || worker_submit(ctx, inner_submit, noti_receiver));
         match submitter {
             Ok(submitter) => {
-                ctx_direct.set_direct_submit(Box::new(move |ctx| match &inner_direct.pool_split {
+                ctx_direct.set_direct_submit(Box::new(move |ctx| match &inner_direct.direct_split {
                     Some(split) => {
                         let pending =
                             hand_back(ctx, &inner_direct, &mut Vec::new(), &free_sender_direct, Hand::Publish, false);
@@ -622,17 +622,20 @@ impl SplitPolicy {
     }
 }
 
-/// With pool callbacks, pool threads submit their callbacks' follow-ups
-/// themselves, so page-cache copies run on the pool thread next to the
-/// callbacks. Split, they only write the entries and wake the submitter
-/// thread, which enters the kernel while the pool thread runs callbacks.
-/// Every thread that submits (pool threads, and the submitter thread when
-/// split) reads the CQ tail around its `io_uring_enter` and records how
+/// Threads other than the poller that submit on their own (pool threads
+/// running callbacks, and any thread ending a batch, `IOContext::batch`)
+/// enter the kernel themselves, so page-cache copies run on that thread:
+/// next to the callbacks on a pool thread, or on several callers' threads
+/// at once, which then contend for the ring's lock. Split, they only write
+/// the entries and wake the submitter thread, which enters the kernel while
+/// they go on. Every thread that submits (those threads, and the submitter
+/// thread) reads the CQ tail around its `io_uring_enter` and records how
 /// many completions came during the call against how many entries it
 /// handed over. Split when most complete inside the call and calls hand
 /// over several entries each (at a small depth a hand-over would only add
-/// a wake-up); back when either fails.
-struct PoolSplit {
+/// a wake-up); back when either fails. Device reads (O_DIRECT) keep the
+/// direct path: one system call per batch and no thread hop.
+struct DirectSplit {
     tail: CqTail,
     active: AtomicBool,
     /// Moving averages (fixed point, `ONE`): share of entries completed
@@ -642,7 +645,7 @@ struct PoolSplit {
     batch: AtomicU32,
 }
 
-impl PoolSplit {
+impl DirectSplit {
     const ONE: u32 = 256;
     const ENTER_INLINE: u32 = Self::ONE * 3 / 4;
     const LEAVE_INLINE: u32 = Self::ONE * 3 / 8;
@@ -650,7 +653,7 @@ impl PoolSplit {
     const LEAVE_BATCH: u32 = 2 * Self::ONE;
 
     fn new(tail: CqTail) -> Self {
-        PoolSplit { tail, active: AtomicBool::new(false), inline: AtomicU32::new(0), batch: AtomicU32::new(0) }
+        DirectSplit { tail, active: AtomicBool::new(false), inline: AtomicU32::new(0), batch: AtomicU32::new(0) }
     }
 
     fn record(&self, submitted: usize, completed: usize) {
@@ -884,11 +887,11 @@ mod tests {
     use crate::driver::Backend;
     use crate::tasks::{Buffer, ClosureCb, IOAction, IOChannel, IOEvent};
 
-    /// Pool threads split once their calls complete inline and carry several
+    /// Direct submitters split once their calls complete inline and carry several
     /// entries; back when completions stop coming inside the call or calls
     /// carry one entry.
     #[test]
-    fn pool_split_follows_inline_completions_and_batches() {
+    fn direct_split_follows_inline_completions_and_batches() {
         let ring = match io_uring::IoUring::new(2) {
             Ok(ring) => ring,
             Err(e) => {
@@ -896,8 +899,8 @@ mod tests {
                 return;
             }
         };
-        let split = super::PoolSplit::new(crate::ring::CqTail::new(&ring).unwrap());
-        let active = |s: &super::PoolSplit| s.active.load(std::sync::atomic::Ordering::Relaxed);
+        let split = super::DirectSplit::new(crate::ring::CqTail::new(&ring).unwrap());
+        let active = |s: &super::DirectSplit| s.active.load(std::sync::atomic::Ordering::Relaxed);
         for _ in 0..32 {
             split.record(1, 1); // inline, but one entry per call
         }
