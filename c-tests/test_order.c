@@ -60,11 +60,11 @@ static void drain_orders(uint32_t backend, struct ioe_workers *workers) {
     CHECK_EQ(s[3].result, BLOCK);
     CHECK(memcmp(later, new_data, BLOCK) == 0);
 
-    /* Unknown flags and non-zero reserved fields are refused. */
+    /* Unknown flags and unknown rw_flags are refused. */
     r = req(IOE_OP_READ, IOE_CHANNEL_READ, fd, later, BLOCK, 0, &s[0], 1u << 7);
     CHECK_EQ(ioe_submit(ctx, &r), -EINVAL);
     r = req(IOE_OP_READ, IOE_CHANNEL_READ, fd, later, BLOCK, 0, &s[0], 0);
-    r.reserved = 1;
+    r.rw_flags = 1u << 20;
     CHECK_EQ(ioe_submit(ctx, &r), -EINVAL);
 
     CHECK_EQ(ioe_context_destroy(ctx), 0);

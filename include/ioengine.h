@@ -110,7 +110,7 @@
 /**
  * Patch version: fixes.
  */
-#define IOE_VERSION_PATCH 0
+#define IOE_VERSION_PATCH 1
 
 /**
  * Choose io_uring when the kernel allows it, epoll otherwise.
@@ -181,6 +181,52 @@
  * `buf` must be NULL.
  */
 #define IOE_OP_FALLOCATE 4
+
+/**
+ * preadv(2): read at `offset` into several buffers in turn. `buf` points
+ * to an array of `len` struct iovec (1 to IOE_MAX_IOVECS; they must hold
+ * at least one byte together). The array is copied at submission; the
+ * memory it points to is borrowed until the callback runs. The result
+ * counts bytes over all buffers.
+ */
+#define IOE_OP_READV 5
+
+/**
+ * pwritev(2): write several buffers in turn at `offset`; as IOE_OP_READV.
+ */
+#define IOE_OP_WRITEV 6
+
+/**
+ * Most iovecs one IOE_OP_READV / IOE_OP_WRITEV request may carry (IOV_MAX).
+ */
+#define IOE_MAX_IOVECS 1024
+
+/**
+ * `rw_flags`: the data (and the metadata needed to read it back) is
+ * durable before the callback runs, as if written with O_DSYNC
+ * (RWF_DSYNC): a FUA write. Writes only mean something with it; on reads
+ * it is accepted and has no effect.
+ */
+#define IOE_RWF_DSYNC 2
+
+/**
+ * `rw_flags`: as IOE_RWF_DSYNC, with all metadata too (RWF_SYNC, O_SYNC).
+ */
+#define IOE_RWF_SYNC 4
+
+/**
+ * `rw_flags`: complete with -EAGAIN instead of waiting for the page cache,
+ * a lock or the device (RWF_NOWAIT); -EAGAIN is then the result, never
+ * retried by the engine. Some files answer -EOPNOTSUPP instead.
+ */
+#define IOE_RWF_NOWAIT 8
+
+/**
+ * `rw_flags`: polled completion (RWF_HIPRI). Contexts created with
+ * IOE_SETUP_IOPOLL poll every read and write already; elsewhere neither
+ * backend polls, and the flag is accepted and ignored.
+ */
+#define IOE_RWF_HIPRI 1
 
 /**
  * Request flag: start this request only once every request accepted
@@ -539,8 +585,9 @@ typedef struct ioe_net_stats {
 typedef void (*ioe_send_done)(void *user_data, int64_t result);
 
 /**
- * One request. `buf` is borrowed: it must stay valid, and untouched by the
- * caller, until the request's callback runs.
+ * One request. `buf` (and for vectored requests the memory its iovecs
+ * point to) is borrowed: it must stay valid, and untouched by the caller,
+ * until the request's callback runs.
  */
 typedef struct ioe_request {
     /**
@@ -560,11 +607,13 @@ typedef struct ioe_request {
      */
     int fallocate_mode;
     /**
-     * Data buffer (read/write). O_DIRECT needs the device's alignment.
+     * Data buffer (read/write), or the struct iovec array (readv/writev).
+     * O_DIRECT needs the device's alignment.
      */
     void *buf;
     /**
-     * Bytes to read/write (> 0), or the fallocate length (> 0).
+     * Bytes to read/write (> 0), the number of iovecs (readv/writev), or
+     * the fallocate length (> 0).
      */
     uint64_t len;
     /**
@@ -584,9 +633,10 @@ typedef struct ioe_request {
      */
     uint32_t flags;
     /**
-     * Must be zero.
+     * IOE_RWF_* bits for reads and writes (plain or vectored); must be 0
+     * for other operations.
      */
-    uint32_t reserved;
+    uint32_t rw_flags;
 } ioe_request;
 
 #ifdef __cplusplus
@@ -698,7 +748,7 @@ int ioe_context_stats(const struct ioe_context *ctx, struct ioe_stats *out);
 uint32_t ioe_version(void);
 
 /**
- * The library's version as a static NUL-terminated string ("0.2.0").
+ * The library's version as a static NUL-terminated string ("0.2.1").
  * Never NULL; the caller must not free it.
  */
 const char *ioe_version_string(void);
@@ -937,9 +987,12 @@ int ioe_conn_peer(const struct ioe_conn *conn, void *addr, uint32_t *len);
  * Queues one request; never waits (see Conventions). Accepted requests
  * run in no particular order unless IOE_REQ_DRAIN orders them. Returns 0
  * (the callback will run exactly once) or, with no callback ever, -EINVAL
- * (NULL `ctx`/`req`, unknown op, channel or flag, non-zero `reserved`,
- * NULL callback, NULL or zero-length buffer for a read/write, non-NULL
- * buffer or zero length for fallocate, range beyond INT64_MAX, fsync,
+ * (NULL `ctx`/`req`, unknown op, channel, flag or rw_flag, rw_flags on
+ * an operation other than a read or write, NULL callback, NULL or
+ * zero-length buffer for a read/write, a NULL iovec array, no iovecs or
+ * more than IOE_MAX_IOVECS, an iovec with a NULL base and a length, or
+ * iovecs holding no byte for a readv/writev, non-NULL buffer or zero
+ * length for fallocate, range beyond INT64_MAX, fsync,
  * fdatasync or fallocate on an IOE_SETUP_IOPOLL context), -EAGAIN (the
  * context holds `max_queued` requests) or -ESHUTDOWN (the context is being
  * destroyed). Any thread may call it at any time, also from callbacks.

@@ -80,7 +80,8 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
     /// Adds an event. It is held while it continues the current run (next
     /// offset, same fd and action, within the size limit); otherwise the run
     /// is submitted first. A run that reaches the limit is submitted at once.
-    /// An event for another fd or action, or an invalid one, is handed back
+    /// An event for another fd or action, a vectored one, one with `RWF_*`
+    /// flags, or an invalid one, is handed back
     /// with `EINVAL`; after the context shut down, with `ESHUTDOWN`; with
     /// `EAGAIN` while the context holds its `max_queued` requests. If the
     /// context shut down while a run was held, its events complete with
@@ -93,7 +94,9 @@ impl<C: IOCallbackCustom> MergeSubmitter<C> {
 
     /// `add_event` leaving refused runs for `take_refused`.
     pub(crate) fn add_event_deferred(&mut self, event: Box<IOEvent<C>>) -> Result<(), SubmitError<C>> {
-        let wrong_target = event.fd() != self.fd || event.action() != self.action;
+        // Vectored events and events with their own RWF_* flags are not merged.
+        let wrong_target =
+            event.fd() != self.fd || event.action() != self.action || event.is_vectored() || event.rw_flags() != 0;
         if let Err(errno) = self.ctx.check(&event).and(if wrong_target { Err(libc::EINVAL) } else { Ok(()) }) {
             return Err(SubmitError { error: io::Error::from_raw_os_error(errno), event });
         }

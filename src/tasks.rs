@@ -21,6 +21,16 @@ pub(crate) const MAX_RW_CHUNK: u64 = 0x7fff_f000;
 /// before that error is handed to the user.
 const MAX_TRANSIENT_RETRIES: u8 = 16;
 
+/// Per-request read/write flags an event may carry (`preadv2(2)`'s
+/// `RWF_*`, the same values): data durable before completion
+/// (`RWF_DSYNC`, `RWF_SYNC`), fail with `EAGAIN` instead of waiting
+/// (`RWF_NOWAIT`), polled completion (`RWF_HIPRI`, which only IOPOLL
+/// contexts honour, for every read and write already; elsewhere ignored).
+pub const RW_FLAGS_ALLOWED: i32 = libc::RWF_HIPRI | libc::RWF_DSYNC | libc::RWF_SYNC | libc::RWF_NOWAIT;
+
+/// Most buffers one vectored event may carry (`IOV_MAX`).
+pub const MAX_IOVECS: usize = libc::UIO_MAXIOV as usize;
+
 /// The operation an event performs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -113,6 +123,11 @@ impl Buffer {
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
         Ok(Buffer { ptr, len, align_shift: align.trailing_zeros() as u8, owned: true })
+    }
+
+    /// A zero-length buffer (owns nothing).
+    pub fn empty() -> Buffer {
+        Buffer { ptr: NonNull::dangling(), len: 0, align_shift: 0, owned: false }
     }
 
     /// Wraps memory owned by the caller. The buffer never frees it.
@@ -241,6 +256,10 @@ pub struct IOEvent<C: IOCallbackCustom> {
     callback: Option<C>,
     /// Only for a merged event (boxed so plain events stay small).
     merge: Option<Box<MergeState<C>>>,
+    /// Only for a vectored event: its buffers and their iovecs.
+    vectored: Option<Box<Vectored>>,
+    /// `RWF_*` bits for reads and writes (see `RW_FLAGS_ALLOWED`).
+    rw_flags: i32,
     /// Link used by `EmbeddedList`.
     pub(crate) next: *mut IOEvent<C>,
     /// Opaque value for the user (tests and tools use it as an id).
@@ -251,10 +270,57 @@ pub struct IOEvent<C: IOCallbackCustom> {
 struct MergeState<C: IOCallbackCustom> {
     /// The original events, in offset order.
     subs: EmbeddedList<C>,
-    /// One iovec per sub-event; `iov_start` is the first one not yet fully
-    /// transferred (it is trimmed in place after a short transfer).
+    /// One iovec per sub-event.
+    iov: IovCursor,
+}
+
+/// What a vectored event carries: its buffers, one iovec each.
+struct Vectored {
+    bufs: Vec<Buffer>,
+    iov: IovCursor,
+}
+
+/// The iovecs of a vectored request; `start` is the first one not yet
+/// fully transferred (it is trimmed in place after a short transfer).
+struct IovCursor {
     iov: Vec<libc::iovec>,
-    iov_start: usize,
+    start: usize,
+}
+
+impl IovCursor {
+    fn new<'a>(bufs: impl Iterator<Item = Option<&'a Buffer>>) -> Self {
+        let iov = bufs
+            .map(|buf| libc::iovec {
+                iov_base: buf.map_or(ptr::null_mut(), |b| b.as_ptr() as *mut libc::c_void),
+                iov_len: buf.map_or(0, |b| b.len()),
+            })
+            .collect();
+        IovCursor { iov, start: 0 }
+    }
+
+    /// The iovecs still to transfer (at most `MAX_IOVECS` per request).
+    fn rest(&self) -> (*const libc::iovec, u32) {
+        let rest = &self.iov[self.start..];
+        (rest.as_ptr(), rest.len().min(MAX_IOVECS) as u32)
+    }
+
+    /// Drops the first `n` bytes.
+    fn advance(&mut self, n: u64) {
+        let mut left = n as usize;
+        while left > 0 && self.start < self.iov.len() {
+            let iov = &mut self.iov[self.start];
+            if left >= iov.iov_len {
+                left -= iov.iov_len;
+                iov.iov_len = 0;
+                self.start += 1;
+            } else {
+                // SAFETY: left < iov_len, so the new base stays inside this buffer.
+                iov.iov_base = unsafe { (iov.iov_base as *mut u8).add(left) } as *mut libc::c_void;
+                iov.iov_len -= left;
+                left = 0;
+            }
+        }
+    }
 }
 
 // SAFETY: the raw pointers (`next`, iovec bases) point into memory owned by the
@@ -279,6 +345,8 @@ impl<C: IOCallbackCustom> IOEvent<C> {
             buf: None,
             callback: None,
             merge: None,
+            vectored: None,
+            rw_flags: 0,
             next: ptr::null_mut(),
             user_tag: 0,
         }
@@ -294,6 +362,41 @@ impl<C: IOCallbackCustom> IOEvent<C> {
         ev.length = buf.len() as u64;
         ev.buf = Some(buf);
         Box::new(ev)
+    }
+
+    /// A vectored read (into each buffer in turn) or write (from each in
+    /// turn) starting at `offset`: `preadv(2)`/`pwritev(2)`. At most
+    /// `MAX_IOVECS` buffers, holding at least one byte together (else
+    /// submission fails with `EINVAL`). The result counts bytes over all of
+    /// them; `take_buffers` returns them.
+    pub fn vectored(fd: RawFd, bufs: Vec<Buffer>, action: IOAction, offset: u64) -> Box<Self> {
+        let mut ev = Self::blank(fd, action);
+        ev.offset = offset;
+        ev.length = bufs.iter().map(|b| b.len() as u64).sum();
+        let iov = IovCursor::new(bufs.iter().map(Some));
+        ev.vectored = Some(Box::new(Vectored { bufs, iov }));
+        Box::new(ev)
+    }
+
+    /// Sets `RWF_*` flags on a read or write (see `RW_FLAGS_ALLOWED`; other
+    /// bits, or flags on other actions, fail submission with `EINVAL`). With
+    /// `RWF_NOWAIT` an `EAGAIN` is the result, never retried.
+    pub fn set_rw_flags(&mut self, flags: i32) {
+        self.rw_flags = flags;
+    }
+
+    pub fn rw_flags(&self) -> i32 {
+        self.rw_flags
+    }
+
+    /// Whether this event reads or writes several buffers.
+    pub fn is_vectored(&self) -> bool {
+        self.vectored.is_some()
+    }
+
+    /// Takes the buffers back out of a completed vectored event.
+    pub fn take_buffers(&mut self) -> Vec<Buffer> {
+        self.vectored.take().map_or_else(Vec::new, |v| v.bufs)
     }
 
     pub fn fsync(fd: RawFd) -> Box<Self> {
@@ -398,17 +501,26 @@ impl<C: IOCallbackCustom> IOEvent<C> {
             // Already completed once: a resubmitted event must be rebuilt.
             return Err(libc::EINVAL);
         }
+        if self.rw_flags != 0
+            && (self.rw_flags & !RW_FLAGS_ALLOWED != 0 || !matches!(self.action, IOAction::Read | IOAction::Write))
+        {
+            return Err(libc::EINVAL);
+        }
         match self.action {
             IOAction::Read | IOAction::Write => {
                 if self.length == 0 {
                     return Err(libc::EINVAL);
                 }
-                if !self.is_merged() && self.buf.as_ref().map_or(true, |b| b.len() as u64 != self.length) {
+                if let Some(vectored) = &self.vectored {
+                    if vectored.bufs.len() > MAX_IOVECS || self.buf.is_some() {
+                        return Err(libc::EINVAL);
+                    }
+                } else if !self.is_merged() && self.buf.as_ref().map_or(true, |b| b.len() as u64 != self.length) {
                     return Err(libc::EINVAL);
                 }
             }
             IOAction::Fallocate => {
-                if self.length == 0 || self.buf.is_some() {
+                if self.length == 0 || self.buf.is_some() || self.vectored.is_some() {
                     return Err(libc::EINVAL);
                 }
             }
@@ -423,26 +535,17 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     pub(crate) fn merged(fd: RawFd, action: IOAction, offset: u64, subs: EmbeddedList<C>) -> Box<Self> {
         let mut ev = Self::blank(fd, action);
         ev.offset = offset;
-        let mut iov = Vec::with_capacity(subs.len());
-        for sub in subs.iter() {
-            let buf = sub.buf.as_ref();
-            iov.push(libc::iovec {
-                iov_base: buf.map_or(ptr::null_mut(), |b| b.as_ptr() as *mut libc::c_void),
-                iov_len: buf.map_or(0, |b| b.len()),
-            });
-            ev.length += sub.length;
-        }
-        ev.merge = Some(Box::new(MergeState { subs, iov, iov_start: 0 }));
+        ev.length = subs.iter().map(|sub| sub.length).sum();
+        let iov = IovCursor::new(subs.iter().map(|sub| sub.buf.as_ref()));
+        ev.merge = Some(Box::new(MergeState { subs, iov }));
         Box::new(ev)
     }
 
     /// The request a driver must issue next (first or after a short transfer).
     pub(crate) fn next_request(&mut self) -> IoRequest {
         let offset = self.offset + self.done;
-        if let (IOAction::Read | IOAction::Write, Some(merge)) = (self.action, self.merge.as_ref()) {
-            let rest = &merge.iov[merge.iov_start..];
-            let count = rest.len().min(libc::UIO_MAXIOV as usize) as u32;
-            let iov = rest.as_ptr();
+        if let (IOAction::Read | IOAction::Write, Some(cursor)) = (self.action, self.iov_cursor()) {
+            let (iov, count) = cursor.rest();
             return if self.action == IOAction::Read {
                 IoRequest::Readv { iov, count, offset }
             } else {
@@ -475,7 +578,9 @@ impl<C: IOCallbackCustom> IOEvent<C> {
     /// completes with the bytes it got); on other files (pipes, sockets,
     /// character devices) a short transfer completes the event.
     pub(crate) fn apply_result(&mut self, res: i64) -> Progress {
-        let transient = res == -(libc::EAGAIN as i64) || res == -(libc::EINTR as i64);
+        // EAGAIN is the answer a RWF_NOWAIT request asked for.
+        let transient =
+            (res == -(libc::EAGAIN as i64) && self.rw_flags & libc::RWF_NOWAIT == 0) || res == -(libc::EINTR as i64);
         if transient && self.transient_retries < MAX_TRANSIENT_RETRIES {
             self.transient_retries += 1;
             return Progress::Resubmit;
@@ -538,24 +643,23 @@ impl<C: IOCallbackCustom> IOEvent<C> {
         self.apply_result(res)
     }
 
+    /// The iovecs of a merged or vectored event.
+    fn iov_cursor(&self) -> Option<&IovCursor> {
+        match (&self.merge, &self.vectored) {
+            (Some(merge), _) => Some(&merge.iov),
+            (None, Some(vectored)) => Some(&vectored.iov),
+            (None, None) => None,
+        }
+    }
+
     /// Records `n` more bytes transferred and trims the iovec list of a
-    /// merged event so the next request starts after them.
+    /// merged or vectored event so the next request starts after them.
     fn advance(&mut self, n: u64) {
         self.done += n;
-        let Some(merge) = self.merge.as_mut() else { return };
-        let mut left = n as usize;
-        while left > 0 && merge.iov_start < merge.iov.len() {
-            let iov = &mut merge.iov[merge.iov_start];
-            if left >= iov.iov_len {
-                left -= iov.iov_len;
-                iov.iov_len = 0;
-                merge.iov_start += 1;
-            } else {
-                // SAFETY: left < iov_len, so the new base stays inside this buffer.
-                iov.iov_base = unsafe { (iov.iov_base as *mut u8).add(left) } as *mut libc::c_void;
-                iov.iov_len -= left;
-                left = 0;
-            }
+        match (&mut self.merge, &mut self.vectored) {
+            (Some(merge), _) => merge.iov.advance(n),
+            (None, Some(vectored)) => vectored.iov.advance(n),
+            (None, None) => {}
         }
     }
 

@@ -355,8 +355,71 @@ fn merge_submitter_rejects_foreign_events() {
     assert_eq!(err.error.raw_os_error(), Some(libc::EINVAL));
     let wrong_fd = col.event(file.fd() + 1000, Buffer::aligned(512).unwrap(), IOAction::Write, 0, 2);
     assert_eq!(writer.add_event(wrong_fd).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+    // Vectored events and events with their own RWF_* flags keep their shape.
+    let mut vectored = IOEvent::vectored(
+        file.fd(),
+        vec![Buffer::aligned(512).unwrap(), Buffer::aligned(512).unwrap()],
+        IOAction::Write,
+        0,
+    );
+    col.attach(&mut vectored, 3);
+    assert_eq!(writer.add_event(vectored).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+    let mut flagged = col.event(file.fd(), Buffer::aligned(512).unwrap(), IOAction::Write, 0, 4);
+    flagged.set_rw_flags(libc::RWF_DSYNC);
+    assert_eq!(writer.add_event(flagged).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+    assert!(col.drain_ready().is_empty());
     assert!(MergeSubmitter::new(ctx.clone(), file.fd(), IOAction::Fsync, IOChannel::Write, 8192).is_err());
     assert!(MergeSubmitter::new(ctx, file.fd(), IOAction::Write, IOChannel::Write, 0).is_err());
+}
+
+/// A vectored write of owned buffers and a vectored read into others, with
+/// RWF_DSYNC on the write: the buffers come back with `take_buffers` and
+/// hold the bytes; flags on an fsync or unknown flags are refused.
+#[test]
+fn vectored_events_with_rw_flags() {
+    for backend in backends() {
+        let file = TempFile::new("vectored", 0, false);
+        let ctx = context(backend, 4, &IOWorkers::new(0).unwrap());
+        let (tx, rx) = crossbeam::channel::unbounded();
+        let sizes = [100usize, 0, 4000, 1];
+        let mut rng = Rng::new(3);
+        let bufs: Vec<Buffer> = sizes
+            .iter()
+            .map(|&n| {
+                let mut b = Buffer::aligned(n).unwrap();
+                rng.fill(b.as_mut_slice());
+                b
+            })
+            .collect();
+        let expected: Vec<u8> = bufs.iter().flat_map(|b| b.as_slice().to_vec()).collect();
+        let mut write = IOEvent::vectored(file.fd(), bufs, IOAction::Write, 10);
+        write.set_rw_flags(libc::RWF_DSYNC);
+        let tx2 = tx.clone();
+        write.set_callback(ClosureCb::new(move |ev| tx2.send(ev).unwrap()));
+        ctx.submit(write, IOChannel::Write).unwrap();
+        let mut done = rx.recv_timeout(HANG_GUARD).unwrap();
+        assert_eq!(done.result(), Some(expected.len() as i64), "{backend}");
+        assert_eq!(done.take_buffers().len(), sizes.len());
+        assert_eq!(&file.contents()[10..10 + expected.len()], &expected[..], "{backend}");
+
+        let parts = vec![Buffer::aligned(7).unwrap(), Buffer::aligned(expected.len() - 7).unwrap()];
+        let mut read = IOEvent::vectored(file.fd(), parts, IOAction::Read, 10);
+        read.set_callback(ClosureCb::new(move |ev| tx.send(ev).unwrap()));
+        ctx.submit(read, IOChannel::Read).unwrap();
+        let mut done = rx.recv_timeout(HANG_GUARD).unwrap();
+        assert_eq!(done.result(), Some(expected.len() as i64));
+        let back: Vec<u8> = done.take_buffers().iter().flat_map(|b| b.as_slice().to_vec()).collect();
+        assert_eq!(back, expected, "{backend}");
+
+        let mut sync = IOEvent::fsync(file.fd());
+        sync.set_rw_flags(libc::RWF_DSYNC);
+        assert_eq!(ctx.submit(sync, IOChannel::Write).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+        let mut odd = IOEvent::new(file.fd(), Buffer::aligned(8).unwrap(), IOAction::Read, 0);
+        odd.set_rw_flags(0x40000);
+        assert_eq!(ctx.submit(odd, IOChannel::Read).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+        let none = IOEvent::vectored(file.fd(), vec![Buffer::empty()], IOAction::Read, 0);
+        assert_eq!(ctx.submit(none, IOChannel::Read).unwrap_err().error.raw_os_error(), Some(libc::EINVAL));
+    }
 }
 
 #[test]

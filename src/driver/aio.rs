@@ -153,6 +153,10 @@ const BOUNDED_HELPERS: usize = 2;
 /// `aio_data` of the start-up probe for RWF_NOWAIT; slot ids are smaller.
 const PROBE_DATA: u64 = u64::MAX - 1;
 
+/// `aio_data` bit (above the slot id) of a request whose caller asked for
+/// RWF_NOWAIT itself: its EAGAIN is the answer, not a cue for a helper.
+const CALLER_NOWAIT: u64 = 1 << 32;
+
 /// AIO's slot: the event and the `iocb` the kernel reads it from, so the
 /// request needs no other memory.
 pub struct AioSlot<C: IOCallbackCustom> {
@@ -383,7 +387,11 @@ enum Route {
 /// Writes the iocb for the event's next request; `Helper` when AIO has no
 /// form for it (fallocate).
 fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32, nowait: bool) -> Route {
-    let rw_flags = if nowait { abi::RWF_NOWAIT } else { 0 };
+    // The caller's flags, with RWF_NOWAIT added where the kernel knows it;
+    // AIO never polls, so RWF_HIPRI means nothing here.
+    let caller_flags = event.rw_flags() & !libc::RWF_HIPRI;
+    let rw_flags = caller_flags | if nowait { abi::RWF_NOWAIT } else { 0 };
+    let caller_nowait = if caller_flags & libc::RWF_NOWAIT != 0 { CALLER_NOWAIT } else { 0 };
     let (opcode, buf, nbytes, offset, rw_flags) = match event.next_request() {
         IoRequest::Read { buf, len, offset } => (abi::IOCB_CMD_PREAD, buf as u64, len as u64, offset, rw_flags),
         IoRequest::Write { buf, len, offset } => (abi::IOCB_CMD_PWRITE, buf as u64, len as u64, offset, rw_flags),
@@ -394,7 +402,7 @@ fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32
         IoRequest::Fallocate { .. } => return Route::Helper,
     };
     *cb = iocb {
-        aio_data: id as u64,
+        aio_data: id as u64 | caller_nowait,
         aio_lio_opcode: opcode,
         aio_fildes: event.fd() as u32,
         aio_buf: buf,
@@ -406,10 +414,13 @@ fn fill_iocb<C: IOCallbackCustom>(cb: &mut iocb, event: &mut IOEvent<C>, id: u32
     Route::Kernel
 }
 
-/// Whether the kernel's answer to a RWF_NOWAIT request means "this would
-/// block" (or "cannot promise not to"): then a helper runs it.
+/// Whether the kernel's answer to a RWF_NOWAIT request the driver added
+/// means "this would block" (or "cannot promise not to"): then a helper
+/// runs it. A caller's own RWF_NOWAIT gets the answer as it is.
 fn would_block(cb: &iocb, result: i64) -> bool {
-    cb.aio_rw_flags & abi::RWF_NOWAIT != 0 && (result == -(libc::EAGAIN as i64) || result == -(libc::EOPNOTSUPP as i64))
+    cb.aio_rw_flags & abi::RWF_NOWAIT != 0
+        && cb.aio_data & CALLER_NOWAIT == 0
+        && (result == -(libc::EAGAIN as i64) || result == -(libc::EOPNOTSUPP as i64))
 }
 
 /// Runs a request synchronously (helper thread): bytes, 0 or -errno. A
@@ -422,8 +433,22 @@ fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
     let fd = event.fd();
     let seekable = event.is_seekable();
     let request = event.next_request();
+    let flags = event.rw_flags() & !libc::RWF_HIPRI;
     let mut result = 0;
     for _ in 0..MAX_EINTR {
+        if flags != 0 {
+            match rw_with_flags(fd, request, seekable, flags) {
+                Some(ret) if ret >= 0 => return ret,
+                Some(_) => {
+                    result = neg_errno(&io::Error::last_os_error());
+                    if result != -(libc::EINTR as i64) {
+                        break;
+                    }
+                    continue;
+                }
+                None => {}
+            }
+        }
         // SAFETY: plain syscalls on a descriptor number (a bad one yields
         // EBADF); the buffers and iovecs belong to the event, which this
         // helper owns until it hands the result back.
@@ -461,6 +486,38 @@ fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
         }
     }
     result
+}
+
+/// A read or write with the caller's RWF_* flags, as `preadv2(2)` /
+/// `pwritev2(2)` (offset -1 on streams: their current position); None for
+/// other requests.
+fn rw_with_flags(fd: i32, request: IoRequest, seekable: bool, flags: i32) -> Option<i64> {
+    let one = |buf: *const u8, len: u32| libc::iovec { iov_base: buf as *mut libc::c_void, iov_len: len as usize };
+    let (iov_one, (iov, count, offset, write)) = match request {
+        IoRequest::Read { buf, len, offset } => {
+            let v = one(buf, len);
+            (Some(v), (ptr::null(), 1, offset, false))
+        }
+        IoRequest::Write { buf, len, offset } => {
+            let v = one(buf, len);
+            (Some(v), (ptr::null(), 1, offset, true))
+        }
+        IoRequest::Readv { iov, count, offset } => (None, (iov, count, offset, false)),
+        IoRequest::Writev { iov, count, offset } => (None, (iov, count, offset, true)),
+        _ => return None,
+    };
+    let iov = iov_one.as_ref().map_or(iov, |v| v as *const libc::iovec);
+    let offset = if seekable { offset as libc::off_t } else { -1 };
+    // SAFETY: the iovecs point into the event's buffers (or `iov_one`, alive
+    // here), which the calling helper owns until it hands the result back.
+    let ret = unsafe {
+        if write {
+            libc::pwritev2(fd, iov, count as i32, offset, flags)
+        } else {
+            libc::preadv2(fd, iov, count as i32, offset, flags)
+        }
+    };
+    Some(ret as i64)
 }
 
 /// What the driver keeps per context: slots (with their iocbs), the free

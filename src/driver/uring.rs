@@ -350,11 +350,20 @@ fn send_sentinel<C: IOCallbackCustom>(inner: &UringInner<C>) {
 /// Builds the SQE for the next request of the event in slot `id`.
 fn prepare<C: IOCallbackCustom>(event: &mut IOEvent<C>, id: u32) -> Entry {
     let fd = Fd(event.fd());
+    // io_uring refuses RWF_HIPRI outside IOPOLL rings, which poll every
+    // read and write anyway: it never needs to go to the kernel.
+    let flags = event.rw_flags() & !libc::RWF_HIPRI;
     let entry = match event.next_request() {
-        IoRequest::Read { buf, len, offset } => opcode::Read::new(fd, buf, len).offset(offset).build(),
-        IoRequest::Write { buf, len, offset } => opcode::Write::new(fd, buf, len).offset(offset).build(),
-        IoRequest::Readv { iov, count, offset } => opcode::Readv::new(fd, iov, count).offset(offset).build(),
-        IoRequest::Writev { iov, count, offset } => opcode::Writev::new(fd, iov, count).offset(offset).build(),
+        IoRequest::Read { buf, len, offset } => opcode::Read::new(fd, buf, len).offset(offset).rw_flags(flags).build(),
+        IoRequest::Write { buf, len, offset } => {
+            opcode::Write::new(fd, buf, len).offset(offset).rw_flags(flags).build()
+        }
+        IoRequest::Readv { iov, count, offset } => {
+            opcode::Readv::new(fd, iov, count).offset(offset).rw_flags(flags).build()
+        }
+        IoRequest::Writev { iov, count, offset } => {
+            opcode::Writev::new(fd, iov, count).offset(offset).rw_flags(flags).build()
+        }
         IoRequest::Fsync => opcode::Fsync::new(fd).build(),
         IoRequest::Fdatasync => opcode::Fsync::new(fd).flags(FsyncFlags::DATASYNC).build(),
         IoRequest::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build(),

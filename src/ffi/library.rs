@@ -12,7 +12,7 @@ pub const IOE_VERSION_MAJOR: u32 = 0;
 /// Minor version: additions.
 pub const IOE_VERSION_MINOR: u32 = 2;
 /// Patch version: fixes.
-pub const IOE_VERSION_PATCH: u32 = 0;
+pub const IOE_VERSION_PATCH: u32 = 1;
 
 /// The library's version as `(major << 16) | (minor << 8) | patch`. Compare
 /// with the `IOE_VERSION_*` macros to detect a header/library mismatch.
@@ -21,7 +21,7 @@ pub extern "C" fn ioe_version() -> u32 {
     guard_or(0, || (IOE_VERSION_MAJOR << 16) | (IOE_VERSION_MINOR << 8) | IOE_VERSION_PATCH)
 }
 
-/// The library's version as a static NUL-terminated string ("0.2.0").
+/// The library's version as a static NUL-terminated string ("0.2.1").
 /// Never NULL; the caller must not free it.
 #[no_mangle]
 pub extern "C" fn ioe_version_string() -> *const c_char {

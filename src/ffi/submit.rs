@@ -20,6 +20,44 @@ pub const IOE_OP_FDATASYNC: u32 = 3;
 /// fallocate(2) over `[offset, offset + len)` with `fallocate_mode`;
 /// `buf` must be NULL.
 pub const IOE_OP_FALLOCATE: u32 = 4;
+/// preadv(2): read at `offset` into several buffers in turn. `buf` points
+/// to an array of `len` struct iovec (1 to IOE_MAX_IOVECS; they must hold
+/// at least one byte together). The array is copied at submission; the
+/// memory it points to is borrowed until the callback runs. The result
+/// counts bytes over all buffers.
+pub const IOE_OP_READV: u32 = 5;
+/// pwritev(2): write several buffers in turn at `offset`; as IOE_OP_READV.
+pub const IOE_OP_WRITEV: u32 = 6;
+
+/// Most iovecs one IOE_OP_READV / IOE_OP_WRITEV request may carry (IOV_MAX).
+pub const IOE_MAX_IOVECS: u32 = 1024;
+
+/// `rw_flags`: the data (and the metadata needed to read it back) is
+/// durable before the callback runs, as if written with O_DSYNC
+/// (RWF_DSYNC): a FUA write. Writes only mean something with it; on reads
+/// it is accepted and has no effect.
+pub const IOE_RWF_DSYNC: u32 = 0x2;
+/// `rw_flags`: as IOE_RWF_DSYNC, with all metadata too (RWF_SYNC, O_SYNC).
+pub const IOE_RWF_SYNC: u32 = 0x4;
+/// `rw_flags`: complete with -EAGAIN instead of waiting for the page cache,
+/// a lock or the device (RWF_NOWAIT); -EAGAIN is then the result, never
+/// retried by the engine. Some files answer -EOPNOTSUPP instead.
+pub const IOE_RWF_NOWAIT: u32 = 0x8;
+/// `rw_flags`: polled completion (RWF_HIPRI). Contexts created with
+/// IOE_SETUP_IOPOLL poll every read and write already; elsewhere neither
+/// backend polls, and the flag is accepted and ignored.
+pub const IOE_RWF_HIPRI: u32 = 0x1;
+
+const KNOWN_RW_FLAGS: u32 = IOE_RWF_DSYNC | IOE_RWF_SYNC | IOE_RWF_NOWAIT | IOE_RWF_HIPRI;
+
+// The IOE_RWF_* values are the kernel's RWF_* ones, passed through as they are.
+const _: () = assert!(
+    IOE_RWF_DSYNC == libc::RWF_DSYNC as u32
+        && IOE_RWF_SYNC == libc::RWF_SYNC as u32
+        && IOE_RWF_NOWAIT == libc::RWF_NOWAIT as u32
+        && IOE_RWF_HIPRI == libc::RWF_HIPRI as u32
+        && KNOWN_RW_FLAGS == crate::tasks::RW_FLAGS_ALLOWED as u32
+);
 
 /// Request flag: start this request only once every request accepted
 /// before it by the context has completed, and start requests accepted
@@ -37,8 +75,9 @@ pub const IOE_CHANNEL_READ: u32 = 1;
 /// Writes: share each scheduling round fairly with reads.
 pub const IOE_CHANNEL_WRITE: u32 = 2;
 
-/// One request. `buf` is borrowed: it must stay valid, and untouched by the
-/// caller, until the request's callback runs.
+/// One request. `buf` (and for vectored requests the memory its iovecs
+/// point to) is borrowed: it must stay valid, and untouched by the caller,
+/// until the request's callback runs.
 #[repr(C)]
 pub struct ioe_request {
     /// IOE_OP_*.
@@ -49,9 +88,11 @@ pub struct ioe_request {
     pub fd: c_int,
     /// fallocate(2) mode bits, for IOE_OP_FALLOCATE.
     pub fallocate_mode: c_int,
-    /// Data buffer (read/write). O_DIRECT needs the device's alignment.
+    /// Data buffer (read/write), or the struct iovec array (readv/writev).
+    /// O_DIRECT needs the device's alignment.
     pub buf: *mut c_void,
-    /// Bytes to read/write (> 0), or the fallocate length (> 0).
+    /// Bytes to read/write (> 0), the number of iovecs (readv/writev), or
+    /// the fallocate length (> 0).
     pub len: u64,
     /// File offset, at most INT64_MAX together with len.
     pub offset: u64,
@@ -61,8 +102,9 @@ pub struct ioe_request {
     pub user_data: *mut c_void,
     /// IOE_REQ_* bits (0 for none).
     pub flags: u32,
-    /// Must be zero.
-    pub reserved: u32,
+    /// IOE_RWF_* bits for reads and writes (plain or vectored); must be 0
+    /// for other operations.
+    pub rw_flags: u32,
 }
 
 pub(crate) fn channel_from_c(channel: u32) -> Result<IOChannel, c_int> {
@@ -94,8 +136,52 @@ pub(crate) fn rw_event(
     Ok(event)
 }
 
+/// Builds a vectored read or write over the caller's iovec array (copied
+/// here; the memory it points to stays the caller's).
+fn vectored_event(
+    fd: c_int,
+    action: IOAction,
+    iov: *const libc::iovec,
+    count: u64,
+    offset: u64,
+    cb: FfiCallback,
+) -> Result<Box<IOEvent<FfiCallback>>, c_int> {
+    if iov.is_null() || count == 0 || count > IOE_MAX_IOVECS as u64 {
+        return Err(-libc::EINVAL);
+    }
+    // SAFETY: non-null; the caller promises `count` initialised iovecs,
+    // read only here.
+    let iovs = unsafe { std::slice::from_raw_parts(iov, count as usize) };
+    let mut bufs = Vec::with_capacity(iovs.len());
+    let mut total: u64 = 0;
+    for v in iovs {
+        total = total.checked_add(v.iov_len as u64).ok_or(-libc::EINVAL)?;
+        if v.iov_len == 0 {
+            bufs.push(Buffer::empty());
+            continue;
+        }
+        if v.iov_len > isize::MAX as usize {
+            return Err(-libc::EINVAL);
+        }
+        // SAFETY: the header makes the caller keep each iovec's memory valid
+        // and untouched until the callback runs; a NULL base is refused.
+        let buf = unsafe { Buffer::from_raw_parts(v.iov_base as *mut u8, v.iov_len) }.map_err(|_| -libc::EINVAL)?;
+        bufs.push(buf);
+    }
+    if total == 0 || total > isize::MAX as u64 {
+        return Err(-libc::EINVAL);
+    }
+    let mut event = IOEvent::vectored(fd, bufs, action, offset);
+    event.set_callback(cb);
+    Ok(event)
+}
+
 fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, IOChannel), c_int> {
-    if req.flags & !KNOWN_REQUEST_FLAGS != 0 || req.reserved != 0 {
+    if req.flags & !KNOWN_REQUEST_FLAGS != 0 || req.rw_flags & !KNOWN_RW_FLAGS != 0 {
+        return Err(-libc::EINVAL);
+    }
+    let is_rw = matches!(req.op, IOE_OP_READ | IOE_OP_WRITE | IOE_OP_READV | IOE_OP_WRITEV);
+    if req.rw_flags != 0 && !is_rw {
         return Err(-libc::EINVAL);
     }
     let channel = channel_from_c(req.channel)?;
@@ -103,6 +189,8 @@ fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, I
     let event = match req.op {
         IOE_OP_READ => rw_event(req.fd, IOAction::Read, req.buf, req.len, req.offset, cb)?,
         IOE_OP_WRITE => rw_event(req.fd, IOAction::Write, req.buf, req.len, req.offset, cb)?,
+        IOE_OP_READV => vectored_event(req.fd, IOAction::Read, req.buf as *const _, req.len, req.offset, cb)?,
+        IOE_OP_WRITEV => vectored_event(req.fd, IOAction::Write, req.buf as *const _, req.len, req.offset, cb)?,
         IOE_OP_FSYNC | IOE_OP_FDATASYNC => {
             let mut event = if req.op == IOE_OP_FSYNC { IOEvent::fsync(req.fd) } else { IOEvent::fdatasync(req.fd) };
             event.set_callback(cb);
@@ -120,6 +208,7 @@ fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, I
     };
     let mut event = event;
     event.set_drain(req.flags & IOE_REQ_DRAIN != 0);
+    event.set_rw_flags(req.rw_flags as i32);
     Ok((event, channel))
 }
 
@@ -136,7 +225,7 @@ fn request_defaults() -> ioe_request {
         callback: None,
         user_data: std::ptr::null_mut(),
         flags: 0,
-        reserved: 0,
+        rw_flags: 0,
     }
 }
 
@@ -155,9 +244,12 @@ fn submit_one(ctx: &ioe_context, req: &ioe_request) -> c_int {
 /// Queues one request; never waits (see Conventions). Accepted requests
 /// run in no particular order unless IOE_REQ_DRAIN orders them. Returns 0
 /// (the callback will run exactly once) or, with no callback ever, -EINVAL
-/// (NULL `ctx`/`req`, unknown op, channel or flag, non-zero `reserved`,
-/// NULL callback, NULL or zero-length buffer for a read/write, non-NULL
-/// buffer or zero length for fallocate, range beyond INT64_MAX, fsync,
+/// (NULL `ctx`/`req`, unknown op, channel, flag or rw_flag, rw_flags on
+/// an operation other than a read or write, NULL callback, NULL or
+/// zero-length buffer for a read/write, a NULL iovec array, no iovecs or
+/// more than IOE_MAX_IOVECS, an iovec with a NULL base and a length, or
+/// iovecs holding no byte for a readv/writev, non-NULL buffer or zero
+/// length for fallocate, range beyond INT64_MAX, fsync,
 /// fdatasync or fallocate on an IOE_SETUP_IOPOLL context), -EAGAIN (the
 /// context holds `max_queued` requests) or -ESHUTDOWN (the context is being
 /// destroyed). Any thread may call it at any time, also from callbacks.
