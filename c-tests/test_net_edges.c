@@ -234,6 +234,41 @@ static void half_closed_peer_resets(uint32_t backend) {
     e_finish(s);
 }
 
+/* A loop watches half-closed peers with an epoll set of its own; once no
+ * such connection is left the set is closed (it used to stay open for the
+ * loop's life: one descriptor more than before the first half-close). */
+static void half_close_watch_releases_its_descriptor(uint32_t backend) {
+    struct es *s = e_start(backend, 1);
+    s->keep_on_eof = 1;
+    int fd = connect_to(s->port);
+    waiter_wait(&s->connects, 1);
+    int with_connection = count_open_fds();
+    CHECK(shutdown(fd, SHUT_WR) == 0);
+    waiter_wait(&s->eofs, 1);
+    struct linger reset = {1, 0};
+    CHECK(setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, sizeof reset) == 0);
+    close(fd);
+    waiter_wait(&s->closes, 1);
+    /* The set closes when its cancelled poll ends, just after on_close:
+     * wait for the count (bounded), not for a time. */
+    for (int i = 0; i < 10000 && count_open_fds() != with_connection - 2; i++) {
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
+    CHECK_EQ(count_open_fds(), with_connection - 2);
+    /* And a new half-closed peer is watched again. */
+    int again = connect_to(s->port);
+    waiter_wait(&s->connects, 2);
+    CHECK(shutdown(again, SHUT_WR) == 0);
+    waiter_wait(&s->eofs, 2);
+    CHECK(setsockopt(again, SOL_SOCKET, SO_LINGER, &reset, sizeof reset) == 0);
+    close(again);
+    waiter_wait(&s->closes, 2);
+    int error = atomic_load(&s->last_error);
+    CHECK(error == ECONNRESET || error == EPIPE);
+    e_finish(s);
+}
+
 static atomic_int writer_run;
 
 static void *writer(void *arg) {
@@ -337,6 +372,7 @@ int main(int argc, char **argv) {
         {"abort_cancels_partly_sent_borrowed", abort_cancels_partly_sent_borrowed},
         {"connections_arriving_during_stop", connections_arriving_during_stop},
         {"half_closed_peer_resets", half_closed_peer_resets},
+        {"half_close_watch_releases_its_descriptor", half_close_watch_releases_its_descriptor},
         {"no_callback_after_close", no_callback_after_close},
         {"stats_as_on_close_runs", stats_as_on_close_runs},
         {"receive_buffer_bounds", receive_buffer_bounds},

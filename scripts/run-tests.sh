@@ -2,7 +2,8 @@
 # Runs every test: source checks, the Rust unit and integration tests (both
 # backends, debug and release), then the C suite with ctest (C tests, header
 # checks, exported symbols, install + pkg-config/CMake consumers, examples).
-# Installs what it needs (cmake, pkg-config, gcc/g++, liburing-dev) on a fresh machine.
+# Installs what it needs (cmake, pkg-config, gcc/g++, liburing-dev, qemu-utils,
+# libnbd-bin, nbdkit, fio) on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,22 @@ if ! pkg-config --exists liburing; then
   echo "== installing liburing-dev"
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -qq liburing-dev >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq liburing-dev >/dev/null; }
+fi
+
+# ioe-nbd is tested with clients nobody here wrote (qemu-io and qemu-img
+# from qemu-utils, nbdinfo and nbdcopy from libnbd-bin); nbdkit and fio are
+# its benchmark's peers. Without them those tests report "skipped".
+nbd_need=()
+command -v qemu-io >/dev/null || nbd_need+=(qemu-utils)
+command -v nbdinfo >/dev/null || nbd_need+=(libnbd-bin)
+command -v nbdkit >/dev/null || nbd_need+=(nbdkit)
+command -v fio >/dev/null || nbd_need+=(fio)
+if [ ${#nbd_need[@]} -gt 0 ]; then
+  echo "== installing ${nbd_need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq "${nbd_need[@]}" >/dev/null 2>&1 ||
+    { apt-get update -qq && apt-get install -y -qq "${nbd_need[@]}" >/dev/null; } ||
+    echo "   (could not install ${nbd_need[*]}: the tests needing them will be skipped)"
 fi
 
 # Tests force their backend; an operator override would defeat that.

@@ -9,7 +9,9 @@
 //! with no events asked for (epoll then reports only EPOLLERR and EPOLLHUP),
 //! and one poll for that set's readiness stays armed on the ring while the
 //! set holds any socket. epoll does the watching; the ring only learns
-//! that something happened. Closing a socket takes it out of the set.
+//! that something happened. Closing a socket takes it out of the set; once
+//! the set is empty its poll is cancelled and the set closed, so an idle
+//! loop holds no descriptor for it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -29,11 +31,13 @@ pub(crate) struct EofWatch {
     watched: usize,
     /// The poll on the set is in flight.
     pub(crate) armed: bool,
+    /// A cancel of that poll is in flight (the set emptied).
+    cancelling: bool,
 }
 
 impl EofWatch {
     pub(crate) fn new() -> EofWatch {
-        EofWatch { set: None, watched: 0, armed: false }
+        EofWatch { set: None, watched: 0, armed: false, cancelling: false }
     }
 
     fn set_fd(&mut self) -> io::Result<RawFd> {
@@ -78,6 +82,29 @@ impl EofWatch {
         self.watched -= 1;
     }
 
+    /// With no socket left in the set: closes it, or first returns the
+    /// cancel of its poll (the set closes when the poll ends, `ended`).
+    pub(crate) fn release_if_empty(&mut self) -> Option<Entry> {
+        if self.watched > 0 || self.set.is_none() {
+            return None;
+        }
+        if !self.armed {
+            self.set = None;
+            return None;
+        }
+        if self.cancelling {
+            return None;
+        }
+        self.cancelling = true;
+        Some(crate::net::op::cancel::prepare_loop_op(OpKind::EofWatch))
+    }
+
+    /// The poll on the set completed (reported, or was cancelled).
+    pub(crate) fn ended(&mut self) {
+        self.armed = false;
+        self.cancelling = false;
+    }
+
     /// The poll on the set, if sockets are watched and none is armed.
     pub(crate) fn arm(&mut self) -> Option<Entry> {
         let set = self.set.as_ref()?.as_raw_fd();
@@ -94,7 +121,6 @@ impl EofWatch {
 
     /// The poll completed: the connections whose sockets failed or hung up.
     pub(crate) fn ready(&mut self) -> Vec<OpTag> {
-        self.armed = false;
         let Some(set) = &self.set else { return Vec::new() };
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
         // SAFETY: epoll_wait into our array of BATCH entries, without waiting.

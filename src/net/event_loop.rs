@@ -691,11 +691,12 @@ impl UringLoop {
     /// socket's error, as on the epoll backend.
     fn on_eof_watch(&mut self, result: i32) {
         self.loop_ops -= 1;
-        self.eof_watch.armed = false;
-        if self.exiting || result == -libc::ECANCELED {
+        self.eof_watch.ended();
+        if self.exiting {
             return;
         }
-        for tag in self.eof_watch.ready() {
+        let reported = if result == -libc::ECANCELED { Vec::new() } else { self.eof_watch.ready() };
+        for tag in reported {
             let Some(c) = self.conns.get(tag.slot, tag.generation) else { continue };
             if !c.eof_watched {
                 continue;
@@ -709,6 +710,15 @@ impl UringLoop {
         }
         if let Some(entry) = self.eof_watch.arm() {
             self.push(&entry);
+            self.loop_ops += 1;
+        }
+        self.release_eof_watch_if_empty();
+    }
+
+    /// Closes the watch set once it holds no socket (cancelling its poll first).
+    fn release_eof_watch_if_empty(&mut self) {
+        if let Some(cancel) = self.eof_watch.release_if_empty() {
+            self.push(&cancel);
             self.loop_ops += 1;
         }
     }
@@ -913,6 +923,7 @@ impl UringLoop {
         unsafe { libc::close(c.state.fd) };
         if c.eof_watched {
             self.eof_watch.forget(); // the close took it out of the set
+            self.release_eof_watch_if_empty();
         }
         if c.state.lingering {
             self.shared.counters.lingering.fetch_sub(1, Ordering::Relaxed);
