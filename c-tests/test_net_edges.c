@@ -5,7 +5,9 @@
  * out of range. Each case failed before its fix (found in review). */
 #include "net_util.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/un.h>
 
 static void on_alarm(int sig) {
     (void)sig;
@@ -269,6 +271,82 @@ static void half_close_watch_releases_its_descriptor(uint32_t backend) {
     e_finish(s);
 }
 
+static size_t unix_echo(struct ioe_conn *conn, const void *data, size_t len, void *user_data) {
+    (void)user_data;
+    uint8_t peer[128];
+    uint32_t peer_len = sizeof peer;
+    /* A Unix-socket connection has no peer address to give. */
+    CHECK_EQ(ioe_conn_peer(conn, peer, &peer_len), -ENOTCONN);
+    CHECK_EQ(ioe_conn_send(conn, data, len), 0);
+    return len;
+}
+
+static int connect_unix(const char *path) {
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(fd >= 0);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    CHECK(strlen(path) < sizeof addr.sun_path);
+    memcpy(addr.sun_path, path, strlen(path) + 1);
+    CHECK(connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0);
+    return fd;
+}
+
+/* A server on a Unix socket ("unix:PATH" or an absolute path): it echoes,
+ * has port 0, replaces a stale socket file, refuses a live one with
+ * -EADDRINUSE, and removes its file when it stops. */
+static void unix_socket(uint32_t backend) {
+    char dir[] = "/tmp/ioe-unix-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char path[64], spec[96];
+    snprintf(path, sizeof path, "%s/nbd.sock", dir);
+    snprintf(spec, sizeof spec, "unix:%s", path);
+    /* A stale socket file: bound by a socket that is gone. */
+    int stale = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sun = {.sun_family = AF_UNIX};
+    CHECK(strlen(path) < sizeof sun.sun_path);
+    memcpy(sun.sun_path, path, strlen(path) + 1);
+    CHECK(bind(stale, (struct sockaddr *)&sun, sizeof sun) == 0);
+    close(stale);
+    struct ioe_server_options opts;
+    CHECK_EQ(ioe_server_options_init(&opts), 0);
+    opts.address = spec;
+    opts.backend = backend;
+    opts.threads = 1;
+    struct ioe_server_callbacks cbs = {.on_data = unix_echo};
+    struct ioe_server *server = NULL;
+    CHECK_EQ(ioe_server_create(&opts, &cbs, &server), 0);
+    CHECK_EQ(ioe_server_start(server), 0);
+    CHECK_EQ(ioe_server_port(server), 0);
+    /* A second server on the live path: refused. */
+    struct ioe_server *second = NULL;
+    opts.address = path;
+    CHECK_EQ(ioe_server_create(&opts, &cbs, &second), -EADDRINUSE);
+    CHECK(second == NULL);
+    int fd = connect_unix(path);
+    uint8_t out[100000], in[sizeof out];
+    for (size_t i = 0; i < sizeof out; i++) out[i] = (uint8_t)(i * 7);
+    CHECK_EQ(exchange(fd, out, sizeof out, in, sizeof in), sizeof in);
+    CHECK(memcmp(out, in, sizeof out) == 0);
+    close(fd);
+    CHECK_EQ(ioe_server_destroy(server), 0);
+    CHECK(access(path, F_OK) != 0 && errno == ENOENT);
+    /* Not a socket there: refused, and left alone. */
+    int plain = open(path, O_CREAT | O_WRONLY, 0600);
+    CHECK(plain >= 0);
+    close(plain);
+    CHECK_EQ(ioe_server_create(&opts, &cbs, &second), -EADDRINUSE);
+    CHECK(access(path, F_OK) == 0);
+    unlink(path);
+    /* Too long a path. */
+    char longer[200];
+    memset(longer, 'a', sizeof longer - 1);
+    longer[0] = '/';
+    longer[sizeof longer - 1] = 0;
+    opts.address = longer;
+    CHECK_EQ(ioe_server_create(&opts, &cbs, &second), -ENAMETOOLONG);
+    CHECK(rmdir(dir) == 0);
+}
+
 static atomic_int writer_run;
 
 static void *writer(void *arg) {
@@ -376,6 +454,7 @@ int main(int argc, char **argv) {
         {"no_callback_after_close", no_callback_after_close},
         {"stats_as_on_close_runs", stats_as_on_close_runs},
         {"receive_buffer_bounds", receive_buffer_bounds},
+        {"unix_socket", unix_socket},
     };
     int ran = 0;
     for (int b = 0; b < 2; b++) {

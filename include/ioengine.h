@@ -405,7 +405,11 @@ typedef struct ioe_server_options {
     /**
      * Numeric IPv4 or IPv6 address to listen on ("0.0.0.0", "::1");
      * NULL: "0.0.0.0". Borrowed for the call. An IPv6 address listens on
-     * IPv6 only.
+     * IPv6 only. "unix:PATH", or an absolute path, listens on a Unix stream
+     * socket there instead (`port` and TCP options are then ignored): a
+     * stale socket file nobody listens on is replaced, anything else there
+     * is -EADDRINUSE, and the server removes the file when it stops. Such
+     * a server's port is 0 and its connections have no peer address.
      */
     const char *address;
     /**
@@ -978,7 +982,8 @@ void *ioe_conn_context(const struct ioe_conn *conn);
 /**
  * Writes the peer's address, a struct sockaddr_in or sockaddr_in6, into
  * `addr` (room for `*len` bytes; a struct sockaddr_storage always fits)
- * and its size into `*len`. Returns 0; -ENOTCONN (unknown); -ENOSPC
+ * and its size into `*len`. Returns 0; -ENOTCONN (unknown, or a
+ * connection on a Unix socket); -ENOSPC
  * (`*len` too small); -EINVAL (NULL argument).
  */
 int ioe_conn_peer(const struct ioe_conn *conn, void *addr, uint32_t *len);

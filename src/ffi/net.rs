@@ -40,7 +40,11 @@ const KNOWN_SERVER_FLAGS: u32 =
 pub struct ioe_server_options {
     /// Numeric IPv4 or IPv6 address to listen on ("0.0.0.0", "::1");
     /// NULL: "0.0.0.0". Borrowed for the call. An IPv6 address listens on
-    /// IPv6 only.
+    /// IPv6 only. "unix:PATH", or an absolute path, listens on a Unix stream
+    /// socket there instead (`port` and TCP options are then ignored): a
+    /// stale socket file nobody listens on is replaced, anything else there
+    /// is -EADDRINUSE, and the server removes the file when it stops. Such
+    /// a server's port is 0 and its connections have no peer address.
     pub address: *const c_char,
     /// Port; 0 lets the kernel choose (ioe_server_port tells which).
     pub port: u16,
@@ -269,14 +273,22 @@ fn options_from_c(opts: &ioe_server_options) -> Result<ServerOptions, c_int> {
     {
         return invalid;
     }
+    let mut unix_path = None;
     let ip: IpAddr = if opts.address.is_null() {
         IpAddr::from([0, 0, 0, 0])
     } else {
         // SAFETY: a non-null address is a NUL-terminated string (caller's contract).
         let text = unsafe { CStr::from_ptr(opts.address) };
-        match text.to_str().ok().and_then(|t| t.parse().ok()) {
-            Some(ip) => ip,
-            None => return invalid,
+        let bytes = text.to_bytes();
+        if let Some(path) = bytes.strip_prefix(b"unix:").or(bytes.starts_with(b"/").then_some(bytes)) {
+            use std::os::unix::ffi::OsStrExt;
+            unix_path = Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path)));
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            match text.to_str().ok().and_then(|t| t.parse().ok()) {
+                Some(ip) => ip,
+                None => return invalid,
+            }
         }
     };
     let backend = match opts.backend {
@@ -297,6 +309,7 @@ fn options_from_c(opts: &ioe_server_options) -> Result<ServerOptions, c_int> {
         return invalid;
     }
     let mut core = ServerOptions::new(SocketAddr::new(ip, opts.port));
+    core.unix_path = unix_path;
     core.backend = backend;
     core.threads = opts.threads as usize;
     core.max_connections = opts.max_connections as usize;
@@ -665,7 +678,8 @@ pub extern "C" fn ioe_conn_context(conn: *const ioe_conn) -> *mut c_void {
 
 /// Writes the peer's address, a struct sockaddr_in or sockaddr_in6, into
 /// `addr` (room for `*len` bytes; a struct sockaddr_storage always fits)
-/// and its size into `*len`. Returns 0; -ENOTCONN (unknown); -ENOSPC
+/// and its size into `*len`. Returns 0; -ENOTCONN (unknown, or a
+/// connection on a Unix socket); -ENOSPC
 /// (`*len` too small); -EINVAL (NULL argument).
 #[no_mangle]
 pub extern "C" fn ioe_conn_peer(conn: *const ioe_conn, addr: *mut c_void, len: *mut u32) -> c_int {

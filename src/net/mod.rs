@@ -108,6 +108,10 @@ pub struct ServerOptions {
     /// peer sends late may then make the kernel reset the connection and
     /// drop output the peer has not received yet.
     pub linger: std::time::Duration,
+    /// Listen on a Unix stream socket at this path instead of `addr`. A
+    /// stale socket file there (nobody listening) is replaced; the server
+    /// removes the file when it stops.
+    pub unix_path: Option<std::path::PathBuf>,
 }
 
 impl ServerOptions {
@@ -127,6 +131,7 @@ impl ServerOptions {
             sqpoll_idle_ms: None,
             sqpoll_cpu: None,
             linger: std::time::Duration::from_secs(5),
+            unix_path: None,
         }
     }
 

@@ -62,6 +62,8 @@ enum State {
 /// one of its own callbacks.
 pub struct TcpServer {
     local_addr: SocketAddr,
+    /// The Unix socket file this server created, removed when it stops.
+    unix_path: Option<std::path::PathBuf>,
     backend: NetBackend,
     fallback_errno: Option<i32>,
     handler: Arc<dyn ServerHandler>,
@@ -107,10 +109,18 @@ impl TcpServer {
         opts.validate()?;
         let net = Arc::new(NetOptions::from_server(opts));
         let (backend, fallback_errno) = choose_backend(opts.backend, &net)?;
-        let listener = socket::listen(&opts.addr, opts.backlog)?;
-        let local_addr = socket::local_addr(listener.as_raw_fd())?;
+        let (listener, local_addr) = match &opts.unix_path {
+            // A Unix socket has no port: the address reads 0.0.0.0:0.
+            Some(path) => (socket::listen_unix(path, opts.backlog)?, SocketAddr::from(([0, 0, 0, 0], 0))),
+            None => {
+                let listener = socket::listen(&opts.addr, opts.backlog)?;
+                let local_addr = socket::local_addr(listener.as_raw_fd())?;
+                (listener, local_addr)
+            }
+        };
         Ok(TcpServer {
             local_addr,
+            unix_path: opts.unix_path.clone(),
             backend,
             fallback_errno,
             handler,
@@ -216,10 +226,14 @@ impl TcpServer {
             return Err(io::Error::from_raw_os_error(libc::EDEADLK));
         }
         let mut state = self.state.lock();
+        let was_listening = !matches!(*state, State::Stopped);
         match std::mem::replace(&mut *state, State::Stopped) {
             State::Running(running) => Self::shut(running),
             State::Bound(listener) => drop(listener),
             State::Stopped => {}
+        }
+        if let (true, Some(path)) = (was_listening, &self.unix_path) {
+            let _ = std::fs::remove_file(path);
         }
         Ok(())
     }

@@ -91,6 +91,56 @@ pub(crate) fn listen(addr: &SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A non-blocking, close-on-exec Unix stream socket bound to `path` and
+/// listening. A socket file already there that nobody listens on (left by
+/// a server that died) is replaced; anything else there is EADDRINUSE.
+pub(crate) fn listen_unix(path: &std::path::Path, backlog: i32) -> io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut sun: libc::sockaddr_un = unsafe { mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= sun.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::from_raw_os_error(if bytes.is_empty() || bytes.contains(&0) {
+            libc::EINVAL
+        } else {
+            libc::ENAMETOOLONG
+        }));
+    }
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in sun.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let bind = || -> io::Result<OwnedFd> {
+        // SAFETY: plain socket(2).
+        let raw = check(unsafe {
+            libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+        })?;
+        // SAFETY: socket(2) returned a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: `sun` holds a valid address of `len` bytes.
+        check(unsafe {
+            libc::bind(fd.as_raw_fd(), &sun as *const _ as *const libc::sockaddr, len as libc::socklen_t)
+        })?;
+        Ok(fd)
+    };
+    let fd = match bind() {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            let is_socket = std::fs::symlink_metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false);
+            if !is_socket || std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(e);
+            }
+            std::fs::remove_file(path)?;
+            bind()?
+        }
+        other => other?,
+    };
+    // SAFETY: plain listen(2) on our socket.
+    check(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(fd)
+}
+
 /// The local address of a socket (the port the kernel chose for port 0).
 pub(crate) fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
     // SAFETY: zeroed storage is valid; getsockname writes at most `len` bytes.

@@ -455,7 +455,8 @@ static void usage(FILE *out) {
             "                           one, printed at start)\n"
             "  -b, --bind=ADDR          numeric IPv4 or IPv6 address to listen on\n"
             "                           (default 0.0.0.0)\n"
-            "  -k, --socket=PATH        listen on a Unix socket at PATH instead of TCP\n"
+            "  -k, --socket=PATH        listen on a Unix socket at PATH instead of TCP (a\n"
+            "                           stale socket file there is replaced; removed at exit)\n"
             "  -x, --export-name=NAME   the export's name (default \"\"; clients asking for\n"
             "                           the default export get it as well)\n"
             "  -D, --description=TEXT   a description clients may ask for\n"
@@ -631,10 +632,6 @@ int main(int argc, char **argv) {
     if (!srv) return 1;
     if (parse_options(argc, argv, &srv->o) < 0) return 2;
     struct options *o = &srv->o;
-    if (o->unix_path) {
-        fprintf(stderr, "ioe-nbd: --socket is not available yet in this build\n");
-        return 2;
-    }
     int rc = open_export(srv);
     if (rc < 0) {
         fprintf(stderr, "ioe-nbd: cannot serve %s: %s\n", o->file,
@@ -682,15 +679,22 @@ int main(int argc, char **argv) {
 
     struct ioe_server_options sopts;
     ioe_server_options_init(&sopts);
-    sopts.address = o->bind;
-    sopts.port = o->port;
+    char unix_spec[4096 + 8];
+    if (o->unix_path) {
+        snprintf(unix_spec, sizeof unix_spec, "unix:%s", o->unix_path);
+        sopts.address = unix_spec;
+    } else {
+        sopts.address = o->bind;
+        sopts.port = o->port;
+    }
     if (o->loops_set) sopts.threads = o->loops;
     if (o->shared) sopts.max_connections = o->shared;
     struct ioe_server_callbacks cbs = {.on_connect = on_connect, .on_data = on_data, .on_eof = on_eof,
                                        .on_close = on_close, .user_data = srv};
     rc = ioe_server_create(&sopts, &cbs, &srv->net);
     if (rc < 0) {
-        fprintf(stderr, "ioe-nbd: cannot listen on %s port %u: %s\n", o->bind, o->port, ioe_strerror(rc));
+        if (o->unix_path) fprintf(stderr, "ioe-nbd: cannot listen on %s: %s\n", o->unix_path, ioe_strerror(rc));
+        else fprintf(stderr, "ioe-nbd: cannot listen on %s port %u: %s\n", o->bind, o->port, ioe_strerror(rc));
         return 1;
     }
     rc = ioe_server_start(srv->net);
@@ -698,9 +702,12 @@ int main(int argc, char **argv) {
         fprintf(stderr, "ioe-nbd: cannot start the server: %s\n", ioe_strerror(rc));
         return 1;
     }
-    fprintf(stderr, "ioe-nbd: serving %s (%" PRIu64 " bytes%s%s) as '%s' on %s port %d (disk: %s, network: %s)\n",
+    char where[4200];
+    if (o->unix_path) snprintf(where, sizeof where, "unix socket %s", o->unix_path);
+    else snprintf(where, sizeof where, "%s port %d", o->bind, ioe_server_port(srv->net));
+    fprintf(stderr, "ioe-nbd: serving %s (%" PRIu64 " bytes%s%s) as '%s' on %s (disk: %s, network: %s)\n",
             o->file, srv->exp.size, o->read_only ? ", read-only" : "", o->direct ? ", O_DIRECT" : "",
-            o->export_name, o->bind, ioe_server_port(srv->net),
+            o->export_name, where,
             ioe_backend_name((uint32_t)ioe_context_backend(srv->ctx)),
             ioe_server_backend(srv->net) == IOE_NET_BACKEND_URING ? "io_uring" : "epoll");
     fflush(stderr);

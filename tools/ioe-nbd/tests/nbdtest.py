@@ -41,14 +41,18 @@ def need(*tools):
 class Server:
     """ioe-nbd on a port the kernel picks, serving `path`."""
 
-    def __init__(self, binary, path, *args):
-        self.proc = subprocess.Popen([binary, "-p", "0", "-b", "127.0.0.1", *args, path],
-                                     stderr=subprocess.PIPE, text=True)
+    def __init__(self, binary, path, *args, unix=None):
+        where = ["-k", unix] if unix else ["-p", "0", "-b", "127.0.0.1"]
+        self.proc = subprocess.Popen([binary, *where, *args, path], stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()
-        if " port " not in line:
+        if " serving " not in line:
             raise RuntimeError(f"ioe-nbd did not start: {line}{self.proc.stderr.read()}")
-        self.port = int(line.split(" port ")[1].split()[0])
-        self.uri = f"nbd://127.0.0.1:{self.port}"
+        if unix:
+            self.port = None
+            self.uri = f"nbd+unix://?socket={unix}"
+        else:
+            self.port = int(line.split(" port ")[1].split()[0])
+            self.uri = f"nbd://127.0.0.1:{self.port}"
 
     def fds(self):
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))

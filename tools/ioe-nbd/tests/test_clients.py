@@ -175,6 +175,29 @@ def stop_with_clients(binary, extra):
         os.unlink(path)
 
 
+def unix_socket(binary, extra):
+    """-k PATH: served on a Unix socket, the file gone after the stop."""
+    import tempfile
+    path = temp_image(8 * MiB)
+    sock_dir = tempfile.mkdtemp(prefix="ioe-nbd-sock-")
+    sock = os.path.join(sock_dir, "nbd.sock")
+    srv = Server(binary, path, "-x", "disk0", *extra, unix=sock)
+    try:
+        uri = f"nbd+unix:///disk0?socket={sock}"
+        qemu_io(uri, "write -P 0x4b 4096 64k", "read -P 0x4b 4096 64k")
+        assert 'export="disk0"' in run("nbdinfo", "--list", f"nbd+unix://?socket={sock}")
+        with open(path, "rb") as f:
+            f.seek(4096)
+            assert f.read(65536) == b"\x4b" * 65536
+    finally:
+        rc, log = srv.stop()
+        os.unlink(path)
+    assert rc == 0, log
+    assert not os.path.exists(sock), "the socket file outlived the server"
+    os.rmdir(sock_dir)
+    print("unix socket: ok")
+
+
 def main():
     need("qemu-io", "qemu-img", "nbdinfo", "nbdcopy")
     binary, extra = sys.argv[1], sys.argv[2:]
@@ -197,6 +220,7 @@ def main():
         os.unlink(path)
     assert rc == 0, log
     stop_with_clients(binary, extra)
+    unix_socket(binary, extra)
     print("clients: ok")
 
 

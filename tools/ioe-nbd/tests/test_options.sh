@@ -25,6 +25,7 @@ expect 2 "cache must be" --cache=sometimes "$img"
 expect 2 "format=raw" -f qcow2 "$img"
 expect 2 "after FILE" "$img" extra
 expect 1 "cannot listen" -b 300.1.1.1 -p 0 "$img"
+expect 1 "cannot listen" -k /nonexistent-dir/nbd.sock "$img"
 # A busy port: a second server on the first one's port.
 coproc FIRST { exec "$nbd" -b 127.0.0.1 -p 0 "$img" 2>&1; }
 pid=$FIRST_PID
