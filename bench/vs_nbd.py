@@ -109,7 +109,8 @@ def one_run(args, argv, rw, bs, depth):
         cpu = srv.cpu_s() - cpu0
     finally:
         srv.stop()
-    job = json.loads(out)["jobs"][0]
+    # fio's nbd engine prints a line of its own before the JSON.
+    job = json.loads(out[out.index("{"):])["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio error {job['error']} against {argv[0]}")
     side = job["read"] if "read" in rw else job["write"]

@@ -132,6 +132,61 @@ static void reply_error(struct nbd_request *req, int neg_errno, const char *what
     request_done(req);
 }
 
+/* ------------------------------------------------------------- buffers */
+
+/* Request buffers (NBD_HDR_ROOM + payload, 4096-aligned for O_DIRECT) come
+ * from free lists by power-of-two size, so a steady load allocates nothing:
+ * large fresh allocations are mmaps that fault in and zero every page. The
+ * size class sits in the first bytes of the header room, which replies
+ * never reach. At most POOL_KEEP bytes wait in each list. */
+#define POOL_MIN_SHIFT 13
+#define POOL_MAX_SHIFT 26 /* 64 MiB: the largest payload plus its header room */
+#define POOL_KEEP (64u << 20)
+
+struct pool_list {
+    pthread_mutex_t mu;
+    void *head;
+    size_t kept;
+};
+static struct pool_list pool[POOL_MAX_SHIFT + 1];
+
+static void pool_init(void) {
+    for (int i = 0; i <= POOL_MAX_SHIFT; i++) pthread_mutex_init(&pool[i].mu, NULL);
+}
+
+static void *pool_alloc(size_t len) {
+    unsigned shift = POOL_MIN_SHIFT;
+    while (((size_t)1 << shift) < len) shift++;
+    if (shift > POOL_MAX_SHIFT) return NULL;
+    struct pool_list *l = &pool[shift];
+    pthread_mutex_lock(&l->mu);
+    void *p = l->head;
+    if (p) {
+        memcpy(&l->head, (uint8_t *)p + 8, sizeof(void *));
+        l->kept -= (size_t)1 << shift;
+    }
+    pthread_mutex_unlock(&l->mu);
+    if (!p && posix_memalign(&p, 4096, (size_t)1 << shift) != 0) return NULL;
+    memcpy(p, &shift, sizeof shift);
+    return p;
+}
+
+static void pool_free(void *p) {
+    if (!p) return;
+    unsigned shift;
+    memcpy(&shift, p, sizeof shift);
+    struct pool_list *l = &pool[shift];
+    pthread_mutex_lock(&l->mu);
+    if (l->kept + ((size_t)1 << shift) <= POOL_KEEP) {
+        memcpy((uint8_t *)p + 8, &l->head, sizeof(void *));
+        l->head = p;
+        l->kept += (size_t)1 << shift;
+        p = NULL;
+    }
+    pthread_mutex_unlock(&l->mu);
+    free(p);
+}
+
 /* ------------------------------------------------------------ disk side */
 
 /* The descriptor for a request: the O_DIRECT one only when the request is
@@ -140,6 +195,31 @@ static int fd_for(const struct server *srv, uint64_t offset, uint64_t len) {
     if (srv->fd == srv->fd_buffered) return srv->fd;
     uint64_t mask = srv->dio_align - 1;
     return (offset & mask) == 0 && (len & mask) == 0 ? srv->fd : srv->fd_buffered;
+}
+
+/* Requests parsed in one on_data call go to the engine together: one
+ * ioe_submit_batch, which enters the kernel on the loop thread itself when
+ * no other thread is submitting (no wake-up of the engine's submitter). */
+#define BATCH_MAX 64
+static __thread struct {
+    bool open;
+    uint32_t count;
+    struct ioe_request reqs[BATCH_MAX];
+} batch;
+
+static void batch_flush(struct server *srv) {
+    uint32_t done = 0;
+    while (done < batch.count) {
+        int64_t rc = ioe_submit_batch(srv->ctx, batch.reqs + done, batch.count - done);
+        if (rc < 0) {
+            /* The first one was refused: it completes with the error. */
+            batch.reqs[done].callback(batch.reqs[done].user_data, rc);
+            done++;
+        } else {
+            done += (uint32_t)rc;
+        }
+    }
+    batch.count = 0;
 }
 
 static int submit(struct server *srv, uint32_t op, int fd, void *buf, uint64_t len, uint64_t offset, int mode,
@@ -154,7 +234,10 @@ static int submit(struct server *srv, uint32_t op, int fd, void *buf, uint64_t l
                             .callback = cb,
                             .user_data = ud,
                             .rw_flags = rw_flags};
-    return ioe_submit(srv->ctx, &r);
+    if (!batch.open) return ioe_submit(srv->ctx, &r);
+    if (batch.count == BATCH_MAX) batch_flush(srv);
+    batch.reqs[batch.count++] = r;
+    return 0;
 }
 
 static void read_sent(void *ud, int64_t result) {
@@ -316,9 +399,9 @@ static void on_request(void *io, struct nbd_request *req) {
     uint32_t fua = req->flags & NBD_CMD_FLAG_FUA ? IOE_RWF_DSYNC : 0;
     switch (req->type) {
     case NBD_CMD_READ: {
-        if (ioe_buffer_alloc(NBD_HDR_ROOM + (size_t)req->len, 4096, (void **)&req->mem) < 0)
-            return reply_error(req, -ENOMEM, "read");
-        req->free_mem = ioe_buffer_free;
+        req->mem = pool_alloc(NBD_HDR_ROOM + (size_t)req->len);
+        if (!req->mem) return reply_error(req, -ENOMEM, "read");
+        req->free_mem = pool_free;
         req->data = req->mem + NBD_HDR_ROOM;
         rc = submit(srv, IOE_OP_READ, fd_for(srv, req->offset, req->len), req->data, req->len, req->offset, 0, 0,
                     on_read, req);
@@ -375,10 +458,7 @@ static void session_disconnect(void *io) {
     close_if_idle(c);
 }
 
-static void *session_alloc(size_t len) {
-    void *p = NULL;
-    return ioe_buffer_alloc(len, 4096, &p) == 0 ? p : NULL;
-}
+
 
 static void on_connect(struct ioe_conn *ioc, void *user_data) {
     struct server *srv = user_data;
@@ -408,10 +488,14 @@ static void on_connect(struct ioe_conn *ioc, void *user_data) {
 }
 
 static size_t on_data(struct ioe_conn *ioc, const void *data, size_t len, void *user_data) {
-    (void)user_data;
+    struct server *srv = user_data;
     struct conn *c = ioe_conn_context(ioc);
     if (!c) return len;
-    return nbd_session_input(c->session, data, len);
+    batch.open = true;
+    size_t used = nbd_session_input(c->session, data, len);
+    batch.open = false;
+    batch_flush(srv);
+    return used;
 }
 
 static void on_eof(struct ioe_conn *ioc, void *user_data) {
@@ -647,9 +731,10 @@ int main(int argc, char **argv) {
     srv->exp.preferred_block = 4096;
     srv->exp.max_payload = NBD_MAX_PAYLOAD;
     srv->ops = (struct nbd_session_ops){.send = session_send, .close = session_close, .request = on_request,
-                                        .disconnect = session_disconnect, .alloc = session_alloc,
-                                        .free = ioe_buffer_free};
+                                        .disconnect = session_disconnect, .alloc = pool_alloc,
+                                        .free = pool_free};
     if (ioe_buffer_alloc(ZERO_CHUNK, 4096, &srv->zeroes) < 0) return fprintf(stderr, "ioe-nbd: out of memory\n"), 1;
+    pool_init();
     pthread_mutex_init(&srv->mu, NULL);
     pthread_cond_init(&srv->cv, NULL);
     pthread_cond_init(&srv->status_cv, NULL);
