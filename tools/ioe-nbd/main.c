@@ -35,6 +35,11 @@
 #define ZERO_CHUNK (1u << 20)
 /* Most extents one block status reply carries. */
 #define MAX_EXTENTS 1024
+/* Payload bytes one connection may have in flight (reads until their reply
+ * is sent); more gets NBD_ENOMEM, so one client cannot exhaust memory. */
+#define CONN_BUDGET (256ull << 20)
+/* Replies queued for a client that does not read them: past this it is cut off. */
+#define CONN_HIGH_WATER (320ull << 20)
 
 struct options {
     const char *file;
@@ -70,7 +75,8 @@ struct server {
     pthread_cond_t cv;
     struct conn *conns;
     long open_conns;
-    long inflight; /* requests handed to the disk side, not yet answered */
+    atomic_long inflight;  /* requests handed to the disk side, not yet answered */
+    atomic_bool stopping;  /* a stop began: sessions answer NBD_ESHUTDOWN */
     /* Block status queries, answered by `status_thread`. */
     pthread_t status_thread;
     struct nbd_request *status_head, *status_tail;
@@ -86,6 +92,7 @@ struct conn {
     atomic_long refs;
     atomic_long inflight;
     atomic_bool disconnect; /* NBD_CMD_DISC or end of input: close once idle */
+    atomic_long held_bytes; /* request buffers this connection holds */
     struct conn *prev, *next;
 };
 
@@ -107,12 +114,16 @@ static void close_if_idle(struct conn *c) {
 static void request_done(struct nbd_request *req) {
     struct conn *c = req->conn;
     struct server *srv = c->srv;
+    if (req->type == NBD_CMD_READ || req->type == NBD_CMD_WRITE) atomic_fetch_sub(&c->held_bytes, (long)req->len);
     nbd_request_free(req);
     atomic_fetch_sub(&c->inflight, 1);
     close_if_idle(c);
-    pthread_mutex_lock(&srv->mu);
-    if (--srv->inflight == 0) pthread_cond_broadcast(&srv->cv);
-    pthread_mutex_unlock(&srv->mu);
+    /* Only a stop waits for the count to reach zero. */
+    if (atomic_fetch_sub(&srv->inflight, 1) == 1 && atomic_load(&srv->stopping)) {
+        pthread_mutex_lock(&srv->mu);
+        pthread_cond_broadcast(&srv->cv);
+        pthread_mutex_unlock(&srv->mu);
+    }
     conn_unref(c);
 }
 
@@ -140,8 +151,8 @@ static void reply_error(struct nbd_request *req, int neg_errno, const char *what
  * size class sits in the first bytes of the header room, which replies
  * never reach. At most POOL_KEEP bytes wait in each list. */
 #define POOL_MIN_SHIFT 13
-#define POOL_MAX_SHIFT 26 /* 64 MiB: the largest payload plus its header room */
-#define POOL_KEEP (64u << 20)
+#define POOL_MAX_SHIFT 21 /* 2 MiB; larger buffers are allocated to size and freed */
+#define POOL_KEEP (16u << 20)
 
 struct pool_list {
     pthread_mutex_t mu;
@@ -156,8 +167,14 @@ static void pool_init(void) {
 
 static void *pool_alloc(size_t len) {
     unsigned shift = POOL_MIN_SHIFT;
-    while (((size_t)1 << shift) < len) shift++;
-    if (shift > POOL_MAX_SHIFT) return NULL;
+    while (((size_t)1 << shift) < len && shift <= POOL_MAX_SHIFT) shift++;
+    if (shift > POOL_MAX_SHIFT) {
+        void *big = NULL;
+        if (posix_memalign(&big, 4096, len) != 0) return NULL;
+        unsigned unpooled = 0;
+        memcpy(big, &unpooled, sizeof unpooled);
+        return big;
+    }
     struct pool_list *l = &pool[shift];
     pthread_mutex_lock(&l->mu);
     void *p = l->head;
@@ -175,6 +192,10 @@ static void pool_free(void *p) {
     if (!p) return;
     unsigned shift;
     memcpy(&shift, p, sizeof shift);
+    if (shift == 0) {
+        free(p);
+        return;
+    }
     struct pool_list *l = &pool[shift];
     pthread_mutex_lock(&l->mu);
     if (l->kept + ((size_t)1 << shift) <= POOL_KEEP) {
@@ -201,6 +222,7 @@ static int fd_for(const struct server *srv, uint64_t offset, uint64_t len) {
  * ioe_submit_batch, which enters the kernel on the loop thread itself when
  * no other thread is submitting (no wake-up of the engine's submitter). */
 #define BATCH_MAX 64
+#define BATCH_MAX_BYTES (256u << 10)
 static __thread struct {
     bool open;
     uint32_t count;
@@ -208,9 +230,13 @@ static __thread struct {
 } batch;
 
 static void batch_flush(struct server *srv) {
-    uint32_t done = 0;
-    while (done < batch.count) {
-        int64_t rc = ioe_submit_batch(srv->ctx, batch.reqs + done, batch.count - done);
+    uint32_t done = 0, count = batch.count;
+    bool was_open = batch.open;
+    /* A refused request's callback may submit again: directly, not into
+     * the batch being flushed. */
+    batch.open = false;
+    while (done < count) {
+        int64_t rc = ioe_submit_batch(srv->ctx, batch.reqs + done, count - done);
         if (rc < 0) {
             /* The first one was refused: it completes with the error. */
             batch.reqs[done].callback(batch.reqs[done].user_data, rc);
@@ -220,6 +246,7 @@ static void batch_flush(struct server *srv) {
         }
     }
     batch.count = 0;
+    batch.open = was_open;
 }
 
 static int submit(struct server *srv, uint32_t op, int fd, void *buf, uint64_t len, uint64_t offset, int mode,
@@ -234,7 +261,9 @@ static int submit(struct server *srv, uint32_t op, int fd, void *buf, uint64_t l
                             .callback = cb,
                             .user_data = ud,
                             .rw_flags = rw_flags};
-    if (!batch.open) return ioe_submit(srv->ctx, &r);
+    /* A large transfer goes to the engine's own thread: a cached 32 MiB
+     * read copied on the loop thread would hold up its other connections. */
+    if (!batch.open || len > BATCH_MAX_BYTES) return ioe_submit(srv->ctx, &r);
     if (batch.count == BATCH_MAX) batch_flush(srv);
     batch.reqs[batch.count++] = r;
     return 0;
@@ -358,6 +387,12 @@ static void answer_status(struct server *srv, struct nbd_request *req) {
             off_t hole = lseek(fd, (off_t)pos, SEEK_HOLE);
             if (hole > 0 && (uint64_t)hole < end) next = (uint64_t)hole;
         }
+        /* Another client may punch or fill between the two seeks: an
+         * extent is never empty (flags 0 is always a true answer). */
+        if (next <= pos) {
+            next = end;
+            flags = 0;
+        }
         put32(ext + 8 * n, (uint32_t)(next - pos));
         put32(ext + 8 * n + 4, flags);
         n++;
@@ -392,9 +427,7 @@ static void on_request(void *io, struct nbd_request *req) {
     struct server *srv = c->srv;
     atomic_fetch_add(&c->refs, 1);
     atomic_fetch_add(&c->inflight, 1);
-    pthread_mutex_lock(&srv->mu);
-    srv->inflight++;
-    pthread_mutex_unlock(&srv->mu);
+    atomic_fetch_add(&srv->inflight, 1);
     int rc = 0;
     uint32_t fua = req->flags & NBD_CMD_FLAG_FUA ? IOE_RWF_DSYNC : 0;
     switch (req->type) {
@@ -452,6 +485,26 @@ static void session_close(void *io, int hard) {
     else ioe_conn_close(c->ioc);
 }
 
+/* Whether a request may go ahead within its connection's budget; 0, or the
+ * NBD error it gets. Its bytes count until request_done. */
+static uint32_t session_admit(void *io, const struct nbd_request *req) {
+    struct conn *c = io;
+    if (req->type != NBD_CMD_READ && req->type != NBD_CMD_WRITE) return 0;
+    long before = atomic_fetch_add(&c->held_bytes, (long)req->len);
+    if ((unsigned long long)before + req->len > CONN_BUDGET && before > 0) {
+        atomic_fetch_sub(&c->held_bytes, (long)req->len);
+        return NBD_ENOMEM;
+    }
+    return 0;
+}
+
+static void on_high_water(struct ioe_conn *ioc, size_t queued, void *user_data) {
+    (void)queued;
+    (void)user_data;
+    /* The client does not read its replies: it goes, the others stay. */
+    ioe_conn_abort(ioc);
+}
+
 static void session_disconnect(void *io) {
     struct conn *c = io;
     atomic_store(&c->disconnect, true);
@@ -479,6 +532,8 @@ static void on_connect(struct ioe_conn *ioc, void *user_data) {
     }
     ioe_conn_set_context(ioc, c);
     pthread_mutex_lock(&srv->mu);
+    /* Under the lock: either stop() sees this connection or this sees the stop. */
+    if (atomic_load(&srv->stopping)) nbd_session_shutdown(c->session);
     c->next = srv->conns;
     if (srv->conns) srv->conns->prev = c;
     srv->conns = c;
@@ -689,12 +744,13 @@ static int open_export(struct server *srv) {
 /* Stops gracefully: new requests get NBD_ESHUTDOWN, those in flight are
  * answered, then connections close (their output sent), then the rest. */
 static void stop(struct server *srv) {
+    atomic_store(&srv->stopping, true);
     pthread_mutex_lock(&srv->mu);
     for (struct conn *c = srv->conns; c; c = c->next) nbd_session_shutdown(c->session);
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += 30;
-    while (srv->inflight > 0 && pthread_cond_timedwait(&srv->cv, &srv->mu, &deadline) != ETIMEDOUT) {
+    while (atomic_load(&srv->inflight) > 0 && pthread_cond_timedwait(&srv->cv, &srv->mu, &deadline) != ETIMEDOUT) {
     }
     for (struct conn *c = srv->conns; c; c = c->next) ioe_conn_close(c->ioc);
     clock_gettime(CLOCK_REALTIME, &deadline);
@@ -731,6 +787,7 @@ int main(int argc, char **argv) {
     srv->exp.preferred_block = 4096;
     srv->exp.max_payload = NBD_MAX_PAYLOAD;
     srv->ops = (struct nbd_session_ops){.send = session_send, .close = session_close, .request = on_request,
+                                        .admit = session_admit,
                                         .disconnect = session_disconnect, .alloc = pool_alloc,
                                         .free = pool_free};
     if (ioe_buffer_alloc(ZERO_CHUNK, 4096, &srv->zeroes) < 0) return fprintf(stderr, "ioe-nbd: out of memory\n"), 1;
@@ -752,6 +809,8 @@ int main(int argc, char **argv) {
     ioe_context_options_init(&copts);
     copts.backend = o->backend;
     copts.depth = o->depth;
+    /* A bound on queued disk requests across all clients (-EAGAIN beyond). */
+    copts.max_queued = 65536;
     rc = ioe_context_create(&copts, &srv->ctx);
     if (rc < 0) {
         fprintf(stderr, "ioe-nbd: cannot start the disk engine: %s\n", ioe_strerror(rc));
@@ -774,8 +833,9 @@ int main(int argc, char **argv) {
     }
     if (o->loops_set) sopts.threads = o->loops;
     if (o->shared) sopts.max_connections = o->shared;
+    sopts.high_water = CONN_HIGH_WATER;
     struct ioe_server_callbacks cbs = {.on_connect = on_connect, .on_data = on_data, .on_eof = on_eof,
-                                       .on_close = on_close, .user_data = srv};
+                                       .on_high_water = on_high_water, .on_close = on_close, .user_data = srv};
     rc = ioe_server_create(&sopts, &cbs, &srv->net);
     if (rc < 0) {
         if (o->unix_path) fprintf(stderr, "ioe-nbd: cannot listen on %s: %s\n", o->unix_path, ioe_strerror(rc));

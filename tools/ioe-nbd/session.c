@@ -117,7 +117,21 @@ static uint16_t transmission_flags(const struct nbd_session *s) {
     return flags;
 }
 
-static void enter_transmission(struct nbd_session *s) { s->phase = PHASE_TRANSMISSION; }
+static void enter_transmission(struct nbd_session *s) {
+    /* A reply that failed on the way ended the session: it stays ended. */
+    if (s->phase != PHASE_DONE) s->phase = PHASE_TRANSMISSION;
+}
+
+/* An NBD_REP_INFO carrying a string whole (names are at most 4096 bytes). */
+static void info_string(struct nbd_session *s, uint32_t option, uint16_t type, const char *text) {
+    size_t n = strlen(text);
+    uint8_t *buf = malloc(2 + n);
+    if (!buf) return end(s, 1);
+    put16(buf, type);
+    memcpy(buf + 2, text, n);
+    option_reply(s, option, NBD_REP_INFO, buf, (uint32_t)(2 + n));
+    free(buf);
+}
 
 /* NBD_OPT_INFO and NBD_OPT_GO. */
 static void option_info(struct nbd_session *s, uint32_t option, const uint8_t *data, uint32_t len) {
@@ -145,22 +159,8 @@ static void option_info(struct nbd_session *s, uint32_t option, const uint8_t *d
     put32(info + 6, s->exp->preferred_block);
     put32(info + 10, s->exp->max_payload);
     option_reply(s, option, NBD_REP_INFO, info, 14);
-    if (want_name) {
-        uint8_t buf[2 + 256];
-        size_t n = strlen(s->exp->name);
-        if (n > 256) n = 256;
-        put16(buf, NBD_INFO_NAME);
-        memcpy(buf + 2, s->exp->name, n);
-        option_reply(s, option, NBD_REP_INFO, buf, (uint32_t)(2 + n));
-    }
-    if (want_description && s->exp->description) {
-        uint8_t buf[2 + 256];
-        size_t n = strlen(s->exp->description);
-        if (n > 256) n = 256;
-        put16(buf, NBD_INFO_DESCRIPTION);
-        memcpy(buf + 2, s->exp->description, n);
-        option_reply(s, option, NBD_REP_INFO, buf, (uint32_t)(2 + n));
-    }
+    if (want_name) info_string(s, option, NBD_INFO_NAME, s->exp->name);
+    if (want_description && s->exp->description) info_string(s, option, NBD_INFO_DESCRIPTION, s->exp->description);
     option_reply(s, option, NBD_REP_ACK, NULL, 0);
     if (option == NBD_OPT_GO) enter_transmission(s);
 }
@@ -224,11 +224,12 @@ static void handle_option(struct nbd_session *s, uint32_t option, const uint8_t 
     case NBD_OPT_LIST: {
         if (len) return option_error(s, option, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
         size_t n = strlen(s->exp->name);
-        uint8_t reply[4 + 256];
-        if (n > 256) n = 256;
+        uint8_t *reply = malloc(4 + n);
+        if (!reply) return end(s, 1);
         put32(reply, (uint32_t)n);
         memcpy(reply + 4, s->exp->name, n);
         option_reply(s, option, NBD_REP_SERVER, reply, (uint32_t)(4 + n));
+        free(reply);
         return option_reply(s, option, NBD_REP_ACK, NULL, 0);
     }
     case NBD_OPT_INFO:
@@ -422,6 +423,7 @@ static size_t request_input(struct nbd_session *s, const uint8_t *h) {
     }
     const char *why = NULL;
     uint32_t err = check_request(s, &tmp, &why);
+    if (!err && s->ops->admit && (err = s->ops->admit(s->io, &tmp)) != 0) why = "too much in flight on this connection";
     if (err) {
         reply_error_now(s, &tmp, err, why);
         /* A refused write's payload still follows: drop it. */

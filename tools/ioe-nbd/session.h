@@ -59,6 +59,9 @@ struct nbd_session_ops {
     /* Ends the connection: once queued output is sent (hard = 0), or at
      * once (hard = 1, for protocol violations). */
     void (*close)(void *io, int hard);
+    /* Whether a valid request may go ahead (resource limits): 0, or the
+     * NBD error to answer it with. May be NULL. */
+    uint32_t (*admit)(void *io, const struct nbd_request *req);
     /* A request to carry out; ownership passes to the callee. */
     void (*request)(void *io, struct nbd_request *req);
     /* NBD_CMD_DISC: close once every request handed over is answered. */

@@ -229,6 +229,30 @@ def read_only(binary, extra):
         os.unlink(path)
 
 
+def budget(srv, path):
+    """A client asking for more than its budget (256 MiB in flight) while it
+    reads nothing: the excess is refused with NBD_ENOMEM, every request is
+    answered once, and the connection goes on."""
+    c = Client(srv.port)
+    c.go(b"disk0")
+    cookies = [c.request(CMD_READ, (i % 2) * 32 * MiB, 32 * MiB) for i in range(10)]
+    with open(path, "rb") as f:
+        want = [f.read(32 * MiB), f.read(32 * MiB)]
+    errors = {}
+    for _ in cookies:
+        cookie, err, data, _chunks = c.reply(read_len=32 * MiB)
+        assert cookie in cookies and cookie not in errors
+        errors[cookie] = err
+        if err == 0:
+            assert data == want[(cookies.index(cookie)) % 2]
+    assert set(errors.values()) <= {0, 12} and 12 in errors.values(), errors
+    cookie = c.request(CMD_READ, 0, 4096)
+    assert c.reply(read_len=4096)[:3] == (cookie, 0, want[0][:4096])
+    c.request(CMD_DISC)
+    assert c.closed()
+    print(f"budget: {list(errors.values()).count(12)} of 10 refused with NBD_ENOMEM: ok")
+
+
 def garbage(srv):
     """Bad magic in transmission and garbage instead of a handshake close
     only that connection."""
@@ -266,6 +290,7 @@ def main():
         transmission(srv, path, size, structured=True)
         transmission(srv, path, size, structured=False)
         garbage(srv)
+        budget(srv, path)
         wait_until(lambda: srv.fds() == baseline, f"descriptors back to {baseline} (now {srv.fds()})")
         assert srv.alive()
     finally:
