@@ -580,15 +580,6 @@ typedef struct ioe_net_stats {
 } ioe_net_stats;
 
 /**
- * Called once a borrowed send is over: `result` is its length once every
- * byte has been handed to the kernel, or a negative errno if the
- * connection ended first (-ECANCELED for an abort or a stop, else the
- * socket's error; part of it may have gone out). Runs on the connection's
- * loop thread.
- */
-typedef void (*ioe_send_done)(void *user_data, int64_t result);
-
-/**
  * One request. `buf` (and for vectored requests the memory its iovecs
  * point to) is borrowed: it must stay valid, and untouched by the caller,
  * until the request's callback runs.
@@ -642,6 +633,15 @@ typedef struct ioe_request {
      */
     uint32_t rw_flags;
 } ioe_request;
+
+/**
+ * Called once a borrowed send is over: `result` is its length once every
+ * byte has been handed to the kernel, or a negative errno if the
+ * connection ended first (-ECANCELED for an abort or a stop, else the
+ * socket's error; part of it may have gone out). Runs on the connection's
+ * loop thread.
+ */
+typedef void (*ioe_send_done)(void *user_data, int64_t result);
 
 #ifdef __cplusplus
 extern "C" {
@@ -910,6 +910,25 @@ struct ioe_conn *ioe_conn_ref(struct ioe_conn *conn);
  * Drops a reference from ioe_conn_ref. Returns 0 or -EINVAL (NULL).
  */
 int ioe_conn_unref(struct ioe_conn *conn);
+
+/**
+ * Runs a block request (as ioe_submit takes it: read, write, readv,
+ * writev, fsync, fdatasync, fallocate; `rw_flags` honoured, `channel`
+ * ignored) on the connection's event loop instead of a block-engine
+ * context: it goes to the kernel with the loop's next batch, on the loop's
+ * own io_uring, and its callback runs on the loop thread, where it may
+ * send (without a wake-up) and submit again. Called from one of the
+ * connection's callbacks this costs no thread hop: a server answering
+ * from a file receives, reads and replies on one thread. Any thread may
+ * call it. The request does not depend on the connection staying open
+ * (its callback runs even after on_close). Returns 0 (the callback will
+ * run exactly once: with -ESHUTDOWN, on the stopping thread, if the
+ * server stops before the loop takes it); -EOPNOTSUPP on an epoll server
+ * (use an ioe_context there); -ESHUTDOWN once the server has stopped;
+ * -EINVAL (NULL conn or req, and what ioe_submit refuses, and
+ * IOE_REQ_DRAIN, which only contexts order). No callback on an error.
+ */
+int ioe_conn_submit(struct ioe_conn *conn, const struct ioe_request *req);
 
 /**
  * Queues a copy of `len` bytes for sending; never blocks; any thread.

@@ -239,6 +239,38 @@ impl Drop for CqTail {
     }
 }
 
+/// The SQE for an event's next request (the first, or the rest after a
+/// short transfer), tagged with `user_data`: the block engine's slots and
+/// the network loops' file operations build them here alike.
+pub(crate) fn prepare_entry<C: crate::tasks::IOCallbackCustom>(
+    event: &mut crate::tasks::IOEvent<C>,
+    user_data: u64,
+) -> Entry {
+    use crate::tasks::IoRequest;
+    use io_uring::opcode;
+    use io_uring::types::{Fd, FsyncFlags};
+    let fd = Fd(event.fd());
+    // io_uring refuses RWF_HIPRI outside IOPOLL rings, which poll every
+    // read and write anyway: it never needs to go to the kernel.
+    let flags = event.rw_flags() & !libc::RWF_HIPRI;
+    let entry = match event.next_request() {
+        IoRequest::Read { buf, len, offset } => opcode::Read::new(fd, buf, len).offset(offset).rw_flags(flags).build(),
+        IoRequest::Write { buf, len, offset } => {
+            opcode::Write::new(fd, buf, len).offset(offset).rw_flags(flags).build()
+        }
+        IoRequest::Readv { iov, count, offset } => {
+            opcode::Readv::new(fd, iov, count).offset(offset).rw_flags(flags).build()
+        }
+        IoRequest::Writev { iov, count, offset } => {
+            opcode::Writev::new(fd, iov, count).offset(offset).rw_flags(flags).build()
+        }
+        IoRequest::Fsync => opcode::Fsync::new(fd).build(),
+        IoRequest::Fdatasync => opcode::Fsync::new(fd).flags(FsyncFlags::DATASYNC).build(),
+        IoRequest::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build(),
+    };
+    entry.user_data(user_data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

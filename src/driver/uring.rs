@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use crossbeam::channel::{self, Receiver, Sender};
 use io_uring::squeue::Entry;
-use io_uring::types::{Fd, FsyncFlags};
 use io_uring::{opcode, IoUring};
 
 use crate::common::{poll_request_from_queues, SlotCollection};
@@ -29,7 +28,7 @@ use crate::driver::{
     SubmitLock, SENTINEL_DATA,
 };
 use crate::ring::{probe_opcodes, setup, CqTail, RingConfig, SqWriter};
-use crate::tasks::{IOAction, IOCallbackCustom, IOEvent, IoRequest, Progress};
+use crate::tasks::{IOAction, IOCallbackCustom, IOEvent, Progress};
 
 /// `IORING_ENTER_GETEVENTS`: wait for completions.
 const ENTER_GETEVENTS: u32 = 1;
@@ -349,26 +348,7 @@ fn send_sentinel<C: IOCallbackCustom>(inner: &UringInner<C>) {
 
 /// Builds the SQE for the next request of the event in slot `id`.
 fn prepare<C: IOCallbackCustom>(event: &mut IOEvent<C>, id: u32) -> Entry {
-    let fd = Fd(event.fd());
-    // io_uring refuses RWF_HIPRI outside IOPOLL rings, which poll every
-    // read and write anyway: it never needs to go to the kernel.
-    let flags = event.rw_flags() & !libc::RWF_HIPRI;
-    let entry = match event.next_request() {
-        IoRequest::Read { buf, len, offset } => opcode::Read::new(fd, buf, len).offset(offset).rw_flags(flags).build(),
-        IoRequest::Write { buf, len, offset } => {
-            opcode::Write::new(fd, buf, len).offset(offset).rw_flags(flags).build()
-        }
-        IoRequest::Readv { iov, count, offset } => {
-            opcode::Readv::new(fd, iov, count).offset(offset).rw_flags(flags).build()
-        }
-        IoRequest::Writev { iov, count, offset } => {
-            opcode::Writev::new(fd, iov, count).offset(offset).rw_flags(flags).build()
-        }
-        IoRequest::Fsync => opcode::Fsync::new(fd).build(),
-        IoRequest::Fdatasync => opcode::Fsync::new(fd).flags(FsyncFlags::DATASYNC).build(),
-        IoRequest::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len).offset(offset).mode(mode).build(),
-    };
-    entry.user_data(id as u64)
+    crate::ring::prepare_entry(event, id as u64)
 }
 
 /// Fills free slots straight from the queues, writing one SQE per event.

@@ -529,6 +529,42 @@ pub extern "C" fn ioe_conn_unref(conn: *mut ioe_conn) -> c_int {
     })
 }
 
+/// Runs a block request (as ioe_submit takes it: read, write, readv,
+/// writev, fsync, fdatasync, fallocate; `rw_flags` honoured, `channel`
+/// ignored) on the connection's event loop instead of a block-engine
+/// context: it goes to the kernel with the loop's next batch, on the loop's
+/// own io_uring, and its callback runs on the loop thread, where it may
+/// send (without a wake-up) and submit again. Called from one of the
+/// connection's callbacks this costs no thread hop: a server answering
+/// from a file receives, reads and replies on one thread. Any thread may
+/// call it. The request does not depend on the connection staying open
+/// (its callback runs even after on_close). Returns 0 (the callback will
+/// run exactly once: with -ESHUTDOWN, on the stopping thread, if the
+/// server stops before the loop takes it); -EOPNOTSUPP on an epoll server
+/// (use an ioe_context there); -ESHUTDOWN once the server has stopped;
+/// -EINVAL (NULL conn or req, and what ioe_submit refuses, and
+/// IOE_REQ_DRAIN, which only contexts order). No callback on an error.
+#[no_mangle]
+pub extern "C" fn ioe_conn_submit(conn: *mut ioe_conn, req: *const super::submit::ioe_request) -> c_int {
+    guard(|| {
+        // SAFETY: a non-null request points to an initialised ioe_request
+        // (caller's contract); it is only read.
+        let Some(req) = (unsafe { req.as_ref() }) else { return -libc::EINVAL };
+        if req.flags & super::submit::IOE_REQ_DRAIN != 0 {
+            return -libc::EINVAL;
+        }
+        let (event, _channel) = match super::submit::event_from_request(req) {
+            Ok(built) => built,
+            Err(e) => return e,
+        };
+        with_conn(conn, -libc::EINVAL, |c| match c.submit_file(event) {
+            Ok(()) => 0,
+            // The refused event is dropped without calling back.
+            Err((e, _event)) => neg(&e),
+        })
+    })
+}
+
 /// Queues a copy of `len` bytes for sending; never blocks; any thread.
 /// Sends keep the order in which they were queued. Bytes an on_data call
 /// sends straight from the `data` it was given are sent from the receive

@@ -176,7 +176,7 @@ fn vectored_event(
     Ok(event)
 }
 
-fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, IOChannel), c_int> {
+pub(crate) fn event_from_request(req: &ioe_request) -> Result<(Box<IOEvent<FfiCallback>>, IOChannel), c_int> {
     if req.flags & !KNOWN_REQUEST_FLAGS != 0 || req.rw_flags & !KNOWN_RW_FLAGS != 0 {
         return Err(-libc::EINVAL);
     }

@@ -296,6 +296,36 @@ impl Connection {
         }
     }
 
+    /// Runs a block request (read, write, vectored, fsync, fdatasync,
+    /// fallocate) on this connection's loop: submitted with the loop's next
+    /// batch on its own ring, its callback run on the loop thread. From the
+    /// loop thread (inside a callback) this costs no thread hop at all. The
+    /// request does not depend on the connection staying open. Refused
+    /// (handed back) with `EINVAL` (invalid), `EOPNOTSUPP` (an epoll loop)
+    /// or `ESHUTDOWN` (the server stopped); if the server stops before the
+    /// loop takes it, its callback runs with `ESHUTDOWN` on the stopping
+    /// thread.
+    pub fn submit_file<C: crate::tasks::IOCallbackCustom>(
+        &self,
+        event: Box<crate::tasks::IOEvent<C>>,
+    ) -> Result<(), (io::Error, Box<crate::tasks::IOEvent<C>>)> {
+        let owner = &self.0.owner;
+        let refused = if !owner.runs_files.load(Ordering::SeqCst) {
+            Some(libc::EOPNOTSUPP)
+        } else if let Err(errno) = event.validate() {
+            Some(errno)
+        } else if owner.has_exited() {
+            Some(libc::ESHUTDOWN)
+        } else {
+            None
+        };
+        if let Some(errno) = refused {
+            return Err((io::Error::from_raw_os_error(errno), event));
+        }
+        owner.post(Task::File(event));
+        Ok(())
+    }
+
     // --- for the loop -------------------------------------------------------
 
     /// The loop takes the kick (before looking at the connection, so a

@@ -168,6 +168,12 @@ impl EpollLoop {
                     }
                 }
                 Task::Stop => self.stop(),
+                // Never posted here (`Connection::submit_file` refuses on
+                // epoll loops); answered rather than lost all the same.
+                Task::File(mut op) => {
+                    op.fail(libc::EOPNOTSUPP);
+                    op.finish();
+                }
             }
         }
     }

@@ -39,6 +39,8 @@ pub(crate) enum Task {
     Kick(Connection),
     /// Close every connection and end the loop.
     Stop,
+    /// A block request to run on the loop's ring (io_uring loops only).
+    File(crate::net::op::file::FileOp),
 }
 
 /// Counters of one loop, readable from any thread.
@@ -70,6 +72,8 @@ pub(crate) struct LoopShared {
     /// The loop has ended: tasks posted from now on are dropped (a task may
     /// hold a connection, which holds this: keeping it would be a cycle).
     exited: AtomicBool,
+    /// The loop runs block requests on its ring (an io_uring loop).
+    pub(crate) runs_files: AtomicBool,
     pub(crate) counters: LoopCounters,
 }
 
@@ -88,6 +92,7 @@ impl LoopShared {
             wake: parking_lot::RwLock::new(Some(wake)),
             notified: AtomicBool::new(false),
             exited: AtomicBool::new(false),
+            runs_files: AtomicBool::new(false),
             counters: LoopCounters::default(),
         }))
     }
@@ -141,7 +146,18 @@ impl LoopShared {
     }
 
     fn drop_tasks(&self) {
-        while self.tasks.pop().is_some() {}
+        while let Some(task) = self.tasks.pop() {
+            // A block request's callback still runs, once, with the news.
+            if let Task::File(mut op) = task {
+                op.fail(libc::ESHUTDOWN);
+                op.finish();
+            }
+        }
+    }
+
+    /// Whether the loop has ended (tasks posted now are refused).
+    pub(crate) fn has_exited(&self) -> bool {
+        self.exited.load(Ordering::SeqCst)
     }
 
     /// Whether the calling thread is this loop's.
@@ -220,6 +236,10 @@ pub(crate) struct UringLoop {
     exiting: bool,
     /// The overflow count last seen in the CQ ring.
     cq_dropped: u32,
+    /// Block requests on this ring (`Connection::submit_file`).
+    files: crate::net::op::file::FileOps,
+    /// SQEs the last file completions asked for.
+    file_next: Vec<Entry>,
 }
 
 /// Opcodes the loop needs.
@@ -265,7 +285,7 @@ pub(crate) fn build_ring(opts: &NetOptions, max_conns: usize) -> io::Result<(IoU
 /// buffer comes back only once its completion was reaped); the accepts a
 /// full backlog can produce; and a few loop operations.
 pub(crate) fn cq_entries_for(max_conns: usize, recv_buffers: usize, backlog: usize) -> u32 {
-    let need = 4 * max_conns + recv_buffers + backlog + 16;
+    let need = 4 * max_conns + recv_buffers + backlog + crate::net::op::file::MAX_IN_FLIGHT + 16;
     need.next_power_of_two().clamp(64, crate::ring::MAX_CQ_ENTRIES as usize) as u32
 }
 
@@ -281,6 +301,7 @@ impl UringLoop {
         // a time per connection.
         let bufs = BufRing::register(&ring, opts.recv_buffers, opts.recv_buffer_size).ok();
         let recv_mode = if bufs.is_some() { RecvMode::Multishot } else { RecvMode::Single };
+        shared.runs_files.store(true, Ordering::SeqCst);
         UringLoop {
             ring,
             bufs,
@@ -302,6 +323,8 @@ impl UringLoop {
             stopping: false,
             exiting: false,
             cq_dropped: 0,
+            files: Default::default(),
+            file_next: Vec::new(),
         }
     }
 
@@ -354,7 +377,7 @@ impl UringLoop {
         loop {
             self.drain_tasks();
             self.feed_starved();
-            if self.stopping && self.conns.live() == 0 && self.acceptor_done() {
+            if self.stopping && self.conns.live() == 0 && self.acceptor_done() && self.files.idle() {
                 break;
             }
             match self.ring.submit_and_wait(1) {
@@ -428,6 +451,21 @@ impl UringLoop {
             OpKind::Cancel => self.on_cancel(tag, result),
             OpKind::LingerTimer => self.on_linger_timer(),
             OpKind::EofWatch => self.on_eof_watch(result),
+            OpKind::File => self.on_file(tag, result),
+        }
+    }
+
+    fn on_file(&mut self, tag: OpTag, result: i32) {
+        let mut next = std::mem::take(&mut self.file_next);
+        let done = self.files.complete(tag, result, &mut next);
+        for entry in next.drain(..) {
+            self.push(&entry);
+        }
+        self.file_next = next;
+        if let Some(op) = done {
+            // On the loop thread: the callback may send on its connections
+            // (no wake-up) and submit more file operations.
+            op.finish();
         }
     }
 
@@ -454,6 +492,11 @@ impl UringLoop {
                     }
                 }
                 Task::Stop => self.stop(),
+                Task::File(op) => {
+                    if let Some(entry) = self.files.start(op) {
+                        self.push(&entry);
+                    }
+                }
             }
         }
     }

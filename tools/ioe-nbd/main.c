@@ -55,7 +55,10 @@ struct options {
     bool loops_set;
     uint32_t shared;
     uint32_t depth;
+    int disk_io; /* DISK_IO_* */
 };
+
+enum { DISK_IO_AUTO, DISK_IO_LOOP, DISK_IO_ENGINE };
 
 struct conn;
 
@@ -69,6 +72,9 @@ struct server {
     struct nbd_session_ops ops;
     struct ioe_context *ctx;
     struct ioe_server *net;
+    /* Disk requests run on each connection's loop ring (ioe_conn_submit)
+     * rather than on the block-engine context. */
+    bool loop_io;
     void *zeroes;
     /* Open connections, for a graceful stop. */
     pthread_mutex_t mu;
@@ -263,6 +269,11 @@ static int submit(struct server *srv, uint32_t op, int fd, void *buf, uint64_t l
                             .rw_flags = rw_flags};
     /* A large transfer goes to the engine's own thread: a cached 32 MiB
      * read copied on the loop thread would hold up its other connections. */
+    if (srv->loop_io) {
+        /* On the connection's own loop: no thread hop either way. */
+        struct nbd_request *req = ud;
+        return ioe_conn_submit(((struct conn *)req->conn)->ioc, &r);
+    }
     if (!batch.open || len > BATCH_MAX_BYTES) return ioe_submit(srv->ctx, &r);
     if (batch.count == BATCH_MAX) batch_flush(srv);
     batch.reqs[batch.count++] = r;
@@ -613,6 +624,11 @@ static void usage(FILE *out) {
             "      --loops=N            network event loops besides the accepting one\n"
             "                           (default: one per CPU)\n"
             "      --queue-depth=N      disk I/Os in flight at once (default 256)\n"
+            "      --disk-io=MODE       where disk requests run: loop (on the connection's own\n"
+            "                           network loop and io_uring: receive, read and reply on\n"
+            "                           one thread), engine (a block-engine context with its\n"
+            "                           own threads) or auto (default: loop where the network\n"
+            "                           runs on io_uring, else engine)\n"
             "  -h, --help               this text\n"
             "  -V, --version            the version\n"
             "\n"
@@ -643,7 +659,7 @@ static int parse_u32(const char *s, uint32_t lo, uint32_t hi, uint32_t *out) {
 static int parse_options(int argc, char **argv, struct options *o) {
     *o = (struct options){.bind = "0.0.0.0", .export_name = "", .port = DEFAULT_PORT,
                           .backend = IOE_BACKEND_AUTO, .depth = 256};
-    enum { OPT_CACHE = 256, OPT_AIO, OPT_LOOPS, OPT_DEPTH };
+    enum { OPT_CACHE = 256, OPT_AIO, OPT_LOOPS, OPT_DEPTH, OPT_DISK_IO };
     static const struct option longopts[] = {
         {"port", required_argument, 0, 'p'},       {"bind", required_argument, 0, 'b'},
         {"socket", required_argument, 0, 'k'},     {"export-name", required_argument, 0, 'x'},
@@ -652,6 +668,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"aio", required_argument, 0, OPT_AIO},    {"shared", required_argument, 0, 'e'},
         {"persistent", no_argument, 0, 't'},       {"format", required_argument, 0, 'f'},
         {"loops", required_argument, 0, OPT_LOOPS}, {"queue-depth", required_argument, 0, OPT_DEPTH},
+        {"disk-io", required_argument, 0, OPT_DISK_IO},
         {"help", no_argument, 0, 'h'},             {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0}};
     int c;
@@ -697,6 +714,12 @@ static int parse_options(int argc, char **argv, struct options *o) {
             break;
         case OPT_DEPTH:
             if (parse_u32(optarg, 1, IOE_MAX_DEPTH, &o->depth)) BAD("--queue-depth must be 1 to %u", IOE_MAX_DEPTH);
+            break;
+        case OPT_DISK_IO:
+            if (!strcmp(optarg, "loop")) o->disk_io = DISK_IO_LOOP;
+            else if (!strcmp(optarg, "engine")) o->disk_io = DISK_IO_ENGINE;
+            else if (!strcmp(optarg, "auto")) o->disk_io = DISK_IO_AUTO;
+            else BAD("--disk-io must be loop, engine or auto, not '%s'", optarg);
             break;
         case 'h': usage(stdout); exit(0);
         case 'V': printf("ioe-nbd %s\n", ioe_version_string()); exit(0);
@@ -842,6 +865,12 @@ int main(int argc, char **argv) {
         else fprintf(stderr, "ioe-nbd: cannot listen on %s port %u: %s\n", o->bind, o->port, ioe_strerror(rc));
         return 1;
     }
+    bool net_uring = ioe_server_backend(srv->net) == IOE_NET_BACKEND_URING;
+    if (o->disk_io == DISK_IO_LOOP && !net_uring) {
+        fprintf(stderr, "ioe-nbd: --disk-io=loop needs the network on io_uring (it runs on epoll here)\n");
+        return 1;
+    }
+    srv->loop_io = o->disk_io == DISK_IO_LOOP || (o->disk_io == DISK_IO_AUTO && net_uring);
     rc = ioe_server_start(srv->net);
     if (rc < 0) {
         fprintf(stderr, "ioe-nbd: cannot start the server: %s\n", ioe_strerror(rc));
@@ -853,7 +882,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "ioe-nbd: serving %s (%" PRIu64 " bytes%s%s) as '%s' on %s (disk: %s, network: %s)\n",
             o->file, srv->exp.size, o->read_only ? ", read-only" : "", o->direct ? ", O_DIRECT" : "",
             o->export_name, where,
-            ioe_backend_name((uint32_t)ioe_context_backend(srv->ctx)),
+            srv->loop_io ? "the loops' io_uring" : ioe_backend_name((uint32_t)ioe_context_backend(srv->ctx)),
             ioe_server_backend(srv->net) == IOE_NET_BACKEND_URING ? "io_uring" : "epoll");
     fflush(stderr);
 

@@ -12,6 +12,7 @@
 
 pub(crate) mod accept;
 pub(crate) mod cancel;
+pub(crate) mod file;
 pub(crate) mod recv;
 pub(crate) mod send;
 pub(crate) mod timer;
@@ -36,6 +37,9 @@ pub(crate) enum OpKind {
     LingerTimer = 7,
     /// The loop's poll on its set of half-closed sockets (`EofWatch`).
     EofWatch = 8,
+    /// A block request on the loop's ring (`op::file`); the slot is the
+    /// file operation's, not a connection's.
+    File = 9,
 }
 
 impl OpKind {
@@ -49,6 +53,7 @@ impl OpKind {
             6 => OpKind::Cancel,
             7 => OpKind::LingerTimer,
             8 => OpKind::EofWatch,
+            9 => OpKind::File,
             _ => return None,
         })
     }
