@@ -12,7 +12,10 @@ bootstrap interval. Results go to bench/results/nbd-latest.json and to the
 nbd section of BENCHMARKS.md.
 
 Servers and their settings (what each does best here, or its defaults):
-  ioe-nbd                   defaults: page cache, io_uring for disk and network
+  ioe-nbd                   defaults: page cache; disk requests on each connection's
+                            network loop io_uring (--disk-io=loop)
+  ioe-nbd engine            the same with --disk-io=engine: disk requests on a
+                            block-engine context (replies from its callbacks)
   qemu-nbd                  defaults (cache=writeback, aio=threads), -e 8 -t
   qemu-nbd none/io_uring    --cache=none --aio=io_uring -e 8 -t
   nbdkit file               nbdkit file plugin, defaults (16 threads)
@@ -53,6 +56,7 @@ def servers(args):
     ioe = args.ioe_nbd
     return {
         "ioe-nbd": [ioe, "-b", "127.0.0.1", "-p", "{port}", args.file],
+        "ioe-nbd engine": [ioe, "-b", "127.0.0.1", "-p", "{port}", "--disk-io=engine", args.file],
         "qemu-nbd": ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", "{port}", "-e", "8", "-t", args.file],
         "qemu-nbd none/io_uring": ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", "{port}", "-e", "8", "-t",
                                    "--cache=none", "--aio=io_uring", args.file],
@@ -128,7 +132,7 @@ def measure(args, specs, label, rw, bs, depth):
             runs[n].append(one_run(args, specs[n], rw, bs, depth))
     med = {n: {k: statistics.median(x[k] for x in runs[n]) for k in ("iops", "mib_s", "server_cpu_us_per_io")}
            for n in names}
-    peers = [n for n in names if n != "ioe-nbd"]
+    peers = [n for n in names if not n.startswith("ioe-nbd")]
     # The faster peer of each round, paired with ioe-nbd's run of that round.
     best = [max((runs[p][i] for p in peers), key=lambda x: x["iops"]) for i in range(args.rounds)]
     leanest = [min((runs[p][i] for p in peers), key=lambda x: x["server_cpu_us_per_io"]) for i in range(args.rounds)]
@@ -146,7 +150,6 @@ def measure(args, specs, label, rw, bs, depth):
 
 def render(results, path):
     names = list(results["servers"])
-    peers = [n for n in names if n != "ioe-nbd"]
     lines = ["# NBD servers: ioe-nbd against qemu-nbd and nbdkit", "",
              f"Measured {results['date']} with `python3 bench/vs_nbd.py {results['arguments']}` on "
              f"{results['machine']['cpus']} CPUs ({results['machine']['cpu']}), kernel {results['machine']['kernel']}; "
@@ -155,7 +158,8 @@ def render(results, path):
              f"{results['runtime']:g} s per case, servers rotating; medians. Server CPU is the whole server "
              "process's user + system time over the I/Os done. 'ioe / best' pairs each ioe-nbd run with the "
              "faster peer of the same round (95% bootstrap interval); 'CPU / leanest' with the peer that spent "
-             "least CPU per I/O in that round.", "",
+             "least CPU per I/O in that round. 'ioe-nbd' runs disk requests on each connection's own loop ring "
+             "(its default), 'ioe-nbd engine' on a block-engine context: the two designs of the server.", "",
              "Settings: " + "; ".join(f"{n}: `{shlex.join(a).replace('{port}', 'PORT')}`"
                                       for n, a in results["servers"].items()) + ".", "",
              "| case | " + " | ".join(names) + " | ioe / best (95% CI) | vs best | " +
