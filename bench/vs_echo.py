@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from vs_fio import medians, paired_ratio, paired_text, verdict, write_section  # noqa: E402
+from vs_fio import medians, paired_ratio, paired_text, terminate, verdict, write_section  # noqa: E402
 
 CLOSED_CASES = [  # connections, depth, message size
     (1, 1, 64), (100, 1, 64), (100, 4, 64), (1000, 1, 64), (1000, 4, 64), (10, 1, 65536),
@@ -92,12 +91,7 @@ class Server:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 def load(args, port, conns, depth, size, rate=0.0):

@@ -52,6 +52,17 @@ def run(cmd):
     return out.stdout
 
 
+def terminate(proc, timeout=30):
+    """SIGTERM, then SIGKILL if the process has not ended within `timeout`
+    seconds (the servers the comparison scripts start and stop)."""
+    proc.send_signal(15)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def block_stat_path(path):
     """The /sys stat file of the block device holding `path`, or None."""
     try:

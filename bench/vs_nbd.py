@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vs_fio import paired_ratio, paired_text, verdict, write_section  # noqa: E402
+from vs_fio import paired_ratio, paired_text, terminate, verdict, write_section  # noqa: E402
 
 CASES = [  # label, rw, block size, depth
     ("4k randread QD1", "randread", "4k", 1),
@@ -90,12 +89,7 @@ class Server:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 def fio_cmd(args, port, rw, bs, depth):

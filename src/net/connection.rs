@@ -648,7 +648,7 @@ pub(crate) fn sent(handle: &Connection, bytes: usize) {
     handle.0.queued.fetch_sub(bytes, Ordering::SeqCst);
 }
 
-/// A loop's connections: slots reused through a free list, each reuse with
+/// A loop's connections (and its file operations): slots reused through a free list, each reuse with
 /// a new generation (never 0, which loop-level operations use), so that a
 /// late completion or event for a slot's earlier connection is recognised.
 pub(crate) struct ConnTable<T> {

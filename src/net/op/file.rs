@@ -14,7 +14,8 @@ use std::collections::VecDeque;
 
 use io_uring::squeue::Entry;
 
-use crate::net::op::{OpKind, OpTag, GENERATION_MASK};
+use crate::net::connection::ConnTable;
+use crate::net::op::{OpKind, OpTag};
 use crate::tasks::{IOCallbackCustom, IOEvent, Progress};
 
 /// File operations in flight on one loop at most.
@@ -52,58 +53,46 @@ impl<C: IOCallbackCustom> LoopFileOp for IOEvent<C> {
 
 pub(crate) type FileOp = Box<dyn LoopFileOp>;
 
-/// One loop's file operations.
-#[derive(Default)]
+/// One loop's file operations: slots with generations, as its connections'.
 pub(crate) struct FileOps {
-    slots: Vec<Option<FileOp>>,
-    generations: Vec<u32>,
-    free: Vec<u32>,
+    slots: ConnTable<FileOp>,
     waiting: VecDeque<FileOp>,
-    in_flight: usize,
+}
+
+impl Default for FileOps {
+    fn default() -> Self {
+        FileOps { slots: ConnTable::new(), waiting: VecDeque::new() }
+    }
 }
 
 impl FileOps {
     /// Whether none is in flight or waiting.
     pub(crate) fn idle(&self) -> bool {
-        self.in_flight == 0 && self.waiting.is_empty()
+        self.slots.live() == 0 && self.waiting.is_empty()
     }
 
     /// Starts an operation: its SQE, or None if it waits for a slot.
     pub(crate) fn start(&mut self, op: FileOp) -> Option<Entry> {
-        if self.in_flight >= MAX_IN_FLIGHT {
+        if self.slots.live() >= MAX_IN_FLIGHT {
             self.waiting.push_back(op);
             return None;
         }
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.slots.push(None);
-                self.generations.push(0);
-                (self.slots.len() - 1) as u32
-            }
-        };
-        let generation = (self.generations[slot as usize] + 1) & GENERATION_MASK;
-        self.generations[slot as usize] = generation;
-        self.in_flight += 1;
-        let op = self.slots[slot as usize].insert(op);
+        let (slot, generation) = self.slots.reserve();
+        self.slots.fill(slot, op);
+        let op = self.slots.slot(slot)?;
         Some(op.entry(OpTag::conn_op(OpKind::File, slot, generation).encode()))
     }
 
-    /// A completion: what the loop does next (the rest, the callback, and
-    /// possibly a waiting operation's SQE in `next`).
+    /// A completion: the operation whose callback is due, if it is done.
+    /// SQEs to submit (the rest of a short transfer, a waiting operation's
+    /// start) go to `next`.
     pub(crate) fn complete(&mut self, tag: OpTag, result: i32, next: &mut Vec<Entry>) -> Option<FileOp> {
-        let index = tag.slot as usize;
-        if index >= self.slots.len() || self.generations[index] != tag.generation {
-            return None;
-        }
-        let op = self.slots[index].as_mut()?;
+        let op = self.slots.get(tag.slot, tag.generation)?;
         if op.apply(result as i64) == Progress::Resubmit {
             next.push(op.entry(tag.encode()));
             return None;
         }
-        let done = self.slots[index].take();
-        self.free.push(tag.slot);
-        self.in_flight -= 1;
+        let done = self.slots.remove(tag.slot);
         if let Some(waiting) = self.waiting.pop_front() {
             if let Some(entry) = self.start(waiting) {
                 next.push(entry);
