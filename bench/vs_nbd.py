@@ -47,6 +47,9 @@ CASES = [  # label, rw, block size, depth
     ("4k randwrite QD128", "randwrite", "4k", 128),
     ("128k read QD8", "read", "128k", 8),
     ("128k write QD8", "write", "128k", 8),
+    # qemu's own NBD client: sequential 4 KiB requests, a fixed count.
+    ("qemu-img bench 4k read QD32", "bench-read", "4k", 32),
+    ("qemu-img bench 4k write QD32", "bench-write", "4k", 32),
 ]
 QUICK = {"4k randread QD1", "4k randread QD32", "4k randwrite QD32", "128k read QD8"}
 
@@ -98,15 +101,31 @@ def fio_cmd(args, port, rw, bs, depth):
             "--output-format=json"]
 
 
+def bench_cmd(args, port, rw, depth):
+    count = int(args.bench_count)
+    return ["qemu-img", "bench", "-f", "raw", "-c", str(count), "-d", str(depth), "-s", "4096"] + (
+        ["-w"] if rw == "bench-write" else []) + [f"nbd://127.0.0.1:{port}/"]
+
+
+def client_cmd(args, port, rw, bs, depth):
+    return bench_cmd(args, port, rw, depth) if rw.startswith("bench-") else fio_cmd(args, port, rw, bs, depth)
+
+
 def one_run(args, argv, rw, bs, depth):
     port = free_port()
     srv = Server(argv, port)
     try:
         cpu0 = srv.cpu_s()
-        out = subprocess.run(fio_cmd(args, port, rw, bs, depth), check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(client_cmd(args, port, rw, bs, depth), check=True, capture_output=True,
+                             text=True).stdout
         cpu = srv.cpu_s() - cpu0
     finally:
         srv.stop()
+    if rw.startswith("bench-"):
+        seconds = float(out.split("Run completed in ")[1].split()[0])
+        ios = int(args.bench_count)
+        return {"iops": ios / seconds, "mib_s": ios * 4096 / seconds / 1048576.0,
+                "server_cpu_us_per_io": cpu / ios * 1e6, "p50_us": None}
     # fio's nbd engine prints a line of its own before the JSON.
     job = json.loads(out[out.index("{"):])["jobs"][0]
     if job.get("error"):
@@ -133,7 +152,7 @@ def measure(args, specs, label, rw, bs, depth):
     result = {"label": label, "rw": rw, "bs": bs, "depth": depth, "medians": med, "runs": runs,
               "paired_vs_best_peer": paired_ratio(runs["ioe-nbd"], best, "iops"),
               "cpu_vs_leanest_peer": paired_ratio(runs["ioe-nbd"], leanest, "server_cpu_us_per_io"),
-              "fio_command": shlex.join(fio_cmd(args, 0, rw, bs, depth)).replace(":0/", ":PORT/")}
+              "fio_command": shlex.join(client_cmd(args, 0, rw, bs, depth)).replace(":0/", ":PORT/")}
     unit = "MiB/s" if bs != "4k" else "IOPS"
     key = "mib_s" if bs != "4k" else "iops"
     print(f"  {label:<20} " + "  ".join(f"{n} {med[n][key]:.0f} {unit} {med[n]['server_cpu_us_per_io']:.1f} us"
@@ -147,7 +166,8 @@ def render(results, path):
     lines = ["# NBD servers: ioe-nbd against qemu-nbd and nbdkit", "",
              f"Measured {results['date']} with `python3 bench/vs_nbd.py {results['arguments']}` on "
              f"{results['machine']['cpus']} CPUs ({results['machine']['cpu']}), kernel {results['machine']['kernel']}; "
-             f"{results['versions']}. fio's nbd engine (one job) is the client, on the same machine; each server "
+             f"{results['versions']}. fio's nbd engine (one job) is the client, and qemu-img bench (qemu's own NBD "
+             "client, sequential 4 KiB requests) in the last rows, on the same machine; each server "
              f"serves the same cached 1 GiB file, started fresh for each run; {results['rounds']} rounds of "
              f"{results['runtime']:g} s per case, servers rotating; medians. Server CPU is the whole server "
              "process's user + system time over the I/Os done. 'ioe / best' pairs each ioe-nbd run with the "
@@ -167,7 +187,7 @@ def render(results, path):
                      f"{paired_text(c['paired_vs_best_peer'])} | {verdict(c['paired_vs_best_peer'])} | " +
                      " | ".join(f"{med[n]['server_cpu_us_per_io']:.1f}" for n in names) + " | " +
                      f"{paired_text(c['cpu_vs_leanest_peer'])} |")
-    lines += ["", "fio commands (PORT: each server's): " + "; ".join(f"`{c['fio_command']}`" for c in results["cases"]),
+    lines += ["", "Client commands (PORT: each server's): " + "; ".join(f"`{c['fio_command']}`" for c in results["cases"]),
               "", "Raw runs: `bench/results/nbd-latest.json`.", ""]
     write_section(path, "nbd", "\n".join(lines))
 
@@ -178,6 +198,7 @@ def main():
     p.add_argument("--file", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "ioe-vs-nbd.dat"))
     p.add_argument("--runtime", type=float, default=3)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--bench-count", type=int, default=60000, help="requests per qemu-img bench run")
     p.add_argument("--quick", action="store_true", help="four cases: randread QD1/QD32, randwrite QD32, 128k read")
     p.add_argument("--markdown", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "nbd-latest.json"))

@@ -6,7 +6,7 @@
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam::queue::SegQueue;
@@ -102,6 +102,11 @@ impl LoopShared {
     /// already on its way. Never blocks.
     pub(crate) fn post(&self, task: Task) {
         self.tasks.push(task);
+        // The push, then the check; `close` stores, then drains. Without
+        // the fences on both sides each could miss the other (the queue's
+        // own ordering is acquire/release): a task left in the queue of an
+        // ended loop holds its connection, which holds the loop: a leak.
+        fence(Ordering::SeqCst);
         if self.exited.load(Ordering::SeqCst) {
             // Either the loop's last drain saw this task or this sees `exited`.
             self.drop_tasks();
@@ -141,6 +146,7 @@ impl LoopShared {
     /// and the eventfd closes.
     pub(crate) fn close(&self) {
         self.exited.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         self.drop_tasks();
         drop(self.wake.write().take());
     }
