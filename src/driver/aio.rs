@@ -426,57 +426,17 @@ fn would_block(cb: &iocb, result: i64) -> bool {
 /// Runs a request synchronously (helper thread): bytes, 0 or -errno. A
 /// call a signal interrupts is made again here (a bounded number of
 /// times), so the result is final: the poller does not retry it as a
-/// native AIO request. Streams (pipes, sockets) are read and written
-/// without an offset.
+/// native AIO request.
 fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
     const MAX_EINTR: usize = 16;
     let fd = event.fd();
     let seekable = event.is_seekable();
     let request = event.next_request();
+    // AIO never polls: RWF_HIPRI means nothing on this path either.
     let flags = event.rw_flags() & !libc::RWF_HIPRI;
     let mut result = 0;
     for _ in 0..MAX_EINTR {
-        if flags != 0 {
-            match rw_with_flags(fd, request, seekable, flags) {
-                Some(ret) if ret >= 0 => return ret,
-                Some(_) => {
-                    result = neg_errno(&io::Error::last_os_error());
-                    if result != -(libc::EINTR as i64) {
-                        break;
-                    }
-                    continue;
-                }
-                None => {}
-            }
-        }
-        // SAFETY: plain syscalls on a descriptor number (a bad one yields
-        // EBADF); the buffers and iovecs belong to the event, which this
-        // helper owns until it hands the result back.
-        let ret = unsafe {
-            match request {
-                IoRequest::Read { buf, len, offset } if seekable => {
-                    libc::pread(fd, buf.cast(), len as usize, offset as libc::off_t) as i64
-                }
-                IoRequest::Read { buf, len, .. } => libc::read(fd, buf.cast(), len as usize) as i64,
-                IoRequest::Write { buf, len, offset } if seekable => {
-                    libc::pwrite(fd, buf.cast(), len as usize, offset as libc::off_t) as i64
-                }
-                IoRequest::Write { buf, len, .. } => libc::write(fd, buf.cast(), len as usize) as i64,
-                IoRequest::Readv { iov, count, offset } if seekable => {
-                    libc::preadv(fd, iov, count as i32, offset as libc::off_t) as i64
-                }
-                IoRequest::Readv { iov, count, .. } => libc::readv(fd, iov, count as i32) as i64,
-                IoRequest::Writev { iov, count, offset } if seekable => {
-                    libc::pwritev(fd, iov, count as i32, offset as libc::off_t) as i64
-                }
-                IoRequest::Writev { iov, count, .. } => libc::writev(fd, iov, count as i32) as i64,
-                IoRequest::Fallocate { mode, offset, len } => {
-                    libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) as i64
-                }
-                IoRequest::Fsync => libc::fsync(fd) as i64,
-                IoRequest::Fdatasync => libc::fdatasync(fd) as i64,
-            }
-        };
+        let ret = run_once(fd, request, seekable, flags);
         if ret >= 0 {
             return ret;
         }
@@ -488,36 +448,42 @@ fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
     result
 }
 
-/// A read or write with the caller's RWF_* flags, as `preadv2(2)` /
-/// `pwritev2(2)` (offset -1 on streams: their current position); None for
-/// other requests.
-fn rw_with_flags(fd: i32, request: IoRequest, seekable: bool, flags: i32) -> Option<i64> {
+/// One system call for a request; -1 with errno on failure. Reads and
+/// writes go through `preadv2(2)` / `pwritev2(2)` with the caller's RWF_*
+/// flags (offset -1 on streams, pipes and sockets: no offset, as read(2)).
+fn run_once(fd: i32, request: IoRequest, seekable: bool, flags: i32) -> i64 {
     let one = |buf: *const u8, len: u32| libc::iovec { iov_base: buf as *mut libc::c_void, iov_len: len as usize };
-    let (iov_one, (iov, count, offset, write)) = match request {
+    let at = |offset: u64| if seekable { offset as libc::off_t } else { -1 };
+    let single;
+    let (iov, count, offset, write) = match request {
         IoRequest::Read { buf, len, offset } => {
-            let v = one(buf, len);
-            (Some(v), (ptr::null(), 1, offset, false))
+            single = one(buf, len);
+            (&single as *const libc::iovec, 1, offset, false)
         }
         IoRequest::Write { buf, len, offset } => {
-            let v = one(buf, len);
-            (Some(v), (ptr::null(), 1, offset, true))
+            single = one(buf, len);
+            (&single as *const libc::iovec, 1, offset, true)
         }
-        IoRequest::Readv { iov, count, offset } => (None, (iov, count, offset, false)),
-        IoRequest::Writev { iov, count, offset } => (None, (iov, count, offset, true)),
-        _ => return None,
+        IoRequest::Readv { iov, count, offset } => (iov, count, offset, false),
+        IoRequest::Writev { iov, count, offset } => (iov, count, offset, true),
+        // SAFETY: plain syscalls on a descriptor number (a bad one yields EBADF).
+        IoRequest::Fallocate { mode, offset, len } => unsafe {
+            return libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) as i64;
+        },
+        // SAFETY: as above.
+        IoRequest::Fsync => return unsafe { libc::fsync(fd) } as i64,
+        // SAFETY: as above.
+        IoRequest::Fdatasync => return unsafe { libc::fdatasync(fd) } as i64,
     };
-    let iov = iov_one.as_ref().map_or(iov, |v| v as *const libc::iovec);
-    let offset = if seekable { offset as libc::off_t } else { -1 };
-    // SAFETY: the iovecs point into the event's buffers (or `iov_one`, alive
+    // SAFETY: the iovecs point into the event's buffers (or `single`, alive
     // here), which the calling helper owns until it hands the result back.
-    let ret = unsafe {
+    unsafe {
         if write {
-            libc::pwritev2(fd, iov, count as i32, offset, flags)
+            libc::pwritev2(fd, iov, count as i32, at(offset), flags) as i64
         } else {
-            libc::preadv2(fd, iov, count as i32, offset, flags)
+            libc::preadv2(fd, iov, count as i32, at(offset), flags) as i64
         }
-    };
-    Some(ret as i64)
+    }
 }
 
 /// What the driver keeps per context: slots (with their iocbs), the free
