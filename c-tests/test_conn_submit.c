@@ -27,7 +27,6 @@ struct op {
     struct ioe_conn *conn;
     pthread_t loop_thread;
     uint8_t buf[BLOCK];
-    uint32_t block;
     char kind;
 };
 
@@ -61,7 +60,6 @@ static int submit_op(struct ioe_conn *conn, char kind, uint32_t block) {
     o->s = g;
     o->conn = ioe_conn_ref(conn);
     o->loop_thread = pthread_self();
-    o->block = block;
     o->kind = kind;
     struct ioe_request r = {.op = IOE_OP_READ, .fd = g->fd, .buf = o->buf, .len = BLOCK,
                             .offset = (uint64_t)block * BLOCK, .callback = on_read_done, .user_data = o};

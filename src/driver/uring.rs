@@ -73,8 +73,9 @@ struct UringInner<C: IOCallbackCustom> {
     /// entries wait in the SQ and only the submitter thread retries, with
     /// back-off, so the poller and pool threads never spin on it.
     stalled: AtomicBool,
-    /// Pool callbacks: whether pool threads' follow-ups go to the submitter
-    /// thread, and what decides it (`DirectSplit`). None otherwise.
+    /// Whether threads that submit on their own (pool callbacks, batch
+    /// ends) hand their entries to the submitter thread, and what decides
+    /// it (`DirectSplit`). None on SQPOLL and IOPOLL rings.
     direct_split: Option<DirectSplit>,
     /// IOPOLL only: the poller sleeps here while nothing is in flight (an
     /// IOPOLL ring does not block in `io_uring_enter`); every submission
@@ -346,11 +347,6 @@ fn send_sentinel<C: IOCallbackCustom>(inner: &UringInner<C>) {
     inner.wake_idle_poller();
 }
 
-/// Builds the SQE for the next request of the event in slot `id`.
-fn prepare<C: IOCallbackCustom>(event: &mut IOEvent<C>, id: u32) -> Entry {
-    crate::ring::prepare_entry(event, id as u64)
-}
-
 /// Fills free slots straight from the queues, writing one SQE per event.
 struct UringFiller<'a, 'b, C: IOCallbackCustom> {
     ctx: &'a IoSharedContext<C>,
@@ -368,7 +364,7 @@ impl<C: IOCallbackCustom> SlotCollection<C> for UringFiller<'_, '_, C> {
         self.ctx.free_slots_count.fetch_sub(1, Ordering::SeqCst);
         // SAFETY: `id` came from the free list, so the lock holder owns the slot.
         let slot = unsafe { self.inner.slot(id) };
-        let entry = prepare(slot.event.insert(event), id);
+        let entry = crate::ring::prepare_entry(slot.event.insert(event), id as u64);
         self.inner.push(self.sq, &entry);
     }
 }
@@ -474,7 +470,7 @@ fn push_next_request<C: IOCallbackCustom>(inner: &UringInner<C>, sq: &mut SqWrit
     // the slot until that request completes.
     let slot = unsafe { inner.slot(id) };
     if let Some(event) = slot.event.as_mut() {
-        let entry = prepare(event, id);
+        let entry = crate::ring::prepare_entry(event, id as u64);
         inner.push(sq, &entry);
     }
 }

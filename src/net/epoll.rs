@@ -170,10 +170,7 @@ impl EpollLoop {
                 Task::Stop => self.stop(),
                 // Never posted here (`Connection::submit_file` refuses on
                 // epoll loops); answered rather than lost all the same.
-                Task::File(mut op) => {
-                    op.fail(libc::EOPNOTSUPP);
-                    op.finish();
-                }
+                Task::File(op) => crate::net::op::file::refuse(op, libc::EOPNOTSUPP),
             }
         }
     }

@@ -154,9 +154,8 @@ impl LoopShared {
     fn drop_tasks(&self) {
         while let Some(task) = self.tasks.pop() {
             // A block request's callback still runs, once, with the news.
-            if let Task::File(mut op) = task {
-                op.fail(libc::ESHUTDOWN);
-                op.finish();
+            if let Task::File(op) = task {
+                crate::net::op::file::refuse(op, libc::ESHUTDOWN);
             }
         }
     }

@@ -67,7 +67,6 @@ struct server {
     int fd;          /* the export, O_DIRECT with --cache=none */
     int fd_buffered; /* the same file without O_DIRECT, for unaligned requests */
     uint32_t dio_align;
-    bool is_blockdev;
     struct nbd_export_info exp;
     struct nbd_session_ops ops;
     struct ioe_context *ctx;
@@ -376,7 +375,7 @@ static void zero_step(struct nbd_request *req) {
 
 /* Block status for [offset, offset + len) from SEEK_DATA / SEEK_HOLE. */
 static void answer_status(struct server *srv, struct nbd_request *req) {
-    uint32_t max = req->req_one ? 1 : MAX_EXTENTS;
+    uint32_t max = req->flags & NBD_CMD_FLAG_REQ_ONE ? 1 : MAX_EXTENTS;
     uint8_t *out = malloc(24 + 8 * (size_t)max);
     if (!out) return reply_error(req, -ENOMEM, "block status");
     uint8_t *ext = out + 24;
@@ -744,7 +743,6 @@ static int open_export(struct server *srv) {
         uint64_t size = 0;
         if (ioctl(srv->fd_buffered, BLKGETSIZE64, &size) < 0) return -errno;
         srv->exp.size = size;
-        srv->is_blockdev = true;
     } else if (S_ISREG(st.st_mode)) {
         srv->exp.size = (uint64_t)st.st_size;
     } else {
@@ -756,7 +754,7 @@ static int open_export(struct server *srv) {
         srv->fd = open(o->file, mode | O_CLOEXEC | O_DIRECT);
         if (srv->fd < 0) return -errno;
         int lbs = 512;
-        if (srv->is_blockdev) ioctl(srv->fd, BLKSSZGET, &lbs);
+        if (S_ISBLK(st.st_mode)) ioctl(srv->fd, BLKSSZGET, &lbs);
         /* 4096 covers every logical block size in use; smaller requests
          * take the buffered descriptor. */
         srv->dio_align = lbs > 4096 ? (uint32_t)lbs : 4096;

@@ -24,7 +24,6 @@ struct nbd_session {
     const struct nbd_session_ops *ops;
     void *io;
     enum phase phase;
-    bool fixed_newstyle;
     bool no_zeroes;
     bool structured;
     bool meta_selected;
@@ -438,7 +437,6 @@ static size_t request_input(struct nbd_session *s, const uint8_t *h) {
     }
     *req = tmp;
     req->conn = s->io;
-    req->req_one = tmp.flags & NBD_CMD_FLAG_REQ_ONE;
     req->meta_id = META_BASE_ALLOCATION;
     if (tmp.type == NBD_CMD_WRITE) {
         req->mem = s->ops->alloc(NBD_HDR_ROOM + (size_t)tmp.len);
@@ -492,7 +490,6 @@ size_t nbd_session_input(struct nbd_session *s, const uint8_t *data, size_t len)
                 end(s, 1); /* unknown client flags: the protocol says close */
                 return len;
             }
-            s->fixed_newstyle = flags & NBD_FLAG_C_FIXED_NEWSTYLE;
             s->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
             s->phase = PHASE_OPTIONS;
             n = 4;

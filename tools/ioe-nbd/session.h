@@ -41,7 +41,6 @@ struct nbd_request {
     uint16_t type;
     uint16_t flags;
     bool structured;     /* structured replies were negotiated */
-    bool req_one;        /* BLOCK_STATUS: one extent only */
     uint32_t meta_id;    /* BLOCK_STATUS: the base:allocation context id */
     uint8_t *mem;        /* NBD_HDR_ROOM + payload bytes (WRITE), or NULL */
     uint8_t *data;       /* mem + NBD_HDR_ROOM */

@@ -53,6 +53,13 @@ impl<C: IOCallbackCustom> LoopFileOp for IOEvent<C> {
 
 pub(crate) type FileOp = Box<dyn LoopFileOp>;
 
+/// Answers an operation that will never run (the loop is gone, or cannot
+/// run it): its callback runs now, once, with `-errno`.
+pub(crate) fn refuse(mut op: FileOp, errno: i32) {
+    op.fail(errno);
+    op.finish();
+}
+
 /// One loop's file operations: slots with generations, as its connections'.
 pub(crate) struct FileOps {
     slots: ConnTable<FileOp>,
