@@ -505,7 +505,9 @@ typedef struct ioe_server_callbacks {
      * Bytes arrived: `data` is valid only during the call (it may point
      * into the loop's receive buffers). Returns how many bytes it consumed
      * (at most `len`); the rest is kept and passed again, in front of the
-     * next bytes, so a parser can wait for a whole message. Required.
+     * next bytes, so a parser can wait for a whole message. A large
+     * payload may be taken straight into a buffer of the application's
+     * instead (ioe_conn_recv_into, called from here). Required.
      */
     size_t (*on_data)(struct ioe_conn *conn, const void *data, size_t len, void *user_data);
     /**
@@ -642,6 +644,17 @@ typedef struct ioe_request {
  * loop thread.
  */
 typedef void (*ioe_send_done)(void *user_data, int64_t result);
+
+/**
+ * Called once a receive into a buffer (ioe_conn_recv_into) is over, on
+ * the connection's loop thread: `result` is the buffer's length once every
+ * byte is in it, or a negative errno if the connection ended first
+ * (-ECONNRESET: the peer finished sending before the buffer was full;
+ * -ECANCELED: closed or stopped; else the socket's error). From here the
+ * application owns the buffer again; it may call ioe_conn_recv_into for the
+ * next bytes (not after an error), send, submit and close.
+ */
+typedef void (*ioe_recv_done)(struct ioe_conn *conn, void *buf, int64_t result, void *user_data);
 
 #ifdef __cplusplus
 extern "C" {
@@ -952,6 +965,28 @@ int ioe_conn_send_borrowed(struct ioe_conn *conn,
                            size_t len,
                            ioe_send_done done,
                            void *user_data);
+
+/**
+ * Puts the next `len` bytes of the connection's stream straight into
+ * `buf`: for large payloads (a write request's data) it saves the copy out
+ * of the engine's receive buffers, and the buffer may be aligned for
+ * O_DIRECT. Call it from the connection's on_data (or from a `done` of its
+ * own): the bytes after the ones on_data reports consumed (its return
+ * value) go into the buffer first, then the kernel receives the rest into
+ * it directly. on_data is not called again until `done` has run; the
+ * bytes after the buffer's go to on_data as usual. `done` runs exactly
+ * once, on the loop thread, perhaps before on_data returns to the engine
+ * (when the bytes are already there) but never inside this call. `buf`
+ * must stay valid, and must not be read or freed, until then. Returns 0;
+ * -EINVAL (NULL conn, buf or done, len 0, or not called from this
+ * connection's on_data or done); -EBUSY (called twice in one callback);
+ * -ENOTCONN (closing or closed). No callback on an error.
+ */
+int ioe_conn_recv_into(struct ioe_conn *conn,
+                       void *buf,
+                       size_t len,
+                       ioe_recv_done done,
+                       void *user_data);
 
 /**
  * Bytes queued and not yet handed to the kernel; -EINVAL for NULL.

@@ -109,7 +109,9 @@ pub struct ioe_server_callbacks {
     /// Bytes arrived: `data` is valid only during the call (it may point
     /// into the loop's receive buffers). Returns how many bytes it consumed
     /// (at most `len`); the rest is kept and passed again, in front of the
-    /// next bytes, so a parser can wait for a whole message. Required.
+    /// next bytes, so a parser can wait for a whole message. A large
+    /// payload may be taken straight into a buffer of the application's
+    /// instead (ioe_conn_recv_into, called from here). Required.
     pub on_data: Option<
         unsafe extern "C" fn(conn: *mut ioe_conn, data: *const c_void, len: usize, user_data: *mut c_void) -> usize,
     >,
@@ -636,6 +638,73 @@ pub extern "C" fn ioe_conn_send_borrowed(
         with_conn(conn, -libc::EINVAL, |c| {
             // SAFETY: the caller keeps the bytes valid until `done` runs.
             unsafe { c.send_borrowed(data as *const u8, len, done) }.map_or_else(|e| neg(&e), |()| 0)
+        })
+    })
+}
+
+/// Called once a receive into a buffer (ioe_conn_recv_into) is over, on
+/// the connection's loop thread: `result` is the buffer's length once every
+/// byte is in it, or a negative errno if the connection ended first
+/// (-ECONNRESET: the peer finished sending before the buffer was full;
+/// -ECANCELED: closed or stopped; else the socket's error). From here the
+/// application owns the buffer again; it may call ioe_conn_recv_into for the
+/// next bytes (not after an error), send, submit and close.
+pub type ioe_recv_done =
+    Option<unsafe extern "C" fn(conn: *mut ioe_conn, buf: *mut c_void, result: i64, user_data: *mut c_void)>;
+
+struct RecvIntoDone {
+    done: unsafe extern "C" fn(*mut ioe_conn, *mut c_void, i64, *mut c_void),
+    buf: *mut c_void,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the header says the completion runs on the loop thread, so
+// user_data and the buffer must be usable there; the engine only passes
+// them along.
+unsafe impl Send for RecvIntoDone {}
+
+impl RecvIntoDone {
+    fn call(self, conn: &Connection, result: i64) {
+        // SAFETY: the C callback and its arguments, as documented.
+        unsafe { (self.done)(conn_ptr(conn), self.buf, result, self.user_data) }
+    }
+}
+
+/// Puts the next `len` bytes of the connection's stream straight into
+/// `buf`: for large payloads (a write request's data) it saves the copy out
+/// of the engine's receive buffers, and the buffer may be aligned for
+/// O_DIRECT. Call it from the connection's on_data (or from a `done` of its
+/// own): the bytes after the ones on_data reports consumed (its return
+/// value) go into the buffer first, then the kernel receives the rest into
+/// it directly. on_data is not called again until `done` has run; the
+/// bytes after the buffer's go to on_data as usual. `done` runs exactly
+/// once, on the loop thread, perhaps before on_data returns to the engine
+/// (when the bytes are already there) but never inside this call. `buf`
+/// must stay valid, and must not be read or freed, until then. Returns 0;
+/// -EINVAL (NULL conn, buf or done, len 0, or not called from this
+/// connection's on_data or done); -EBUSY (called twice in one callback);
+/// -ENOTCONN (closing or closed). No callback on an error.
+#[no_mangle]
+pub extern "C" fn ioe_conn_recv_into(
+    conn: *mut ioe_conn,
+    buf: *mut c_void,
+    len: usize,
+    done: ioe_recv_done,
+    user_data: *mut c_void,
+) -> c_int {
+    guard(|| {
+        let Some(done) = done else { return -libc::EINVAL };
+        let call = RecvIntoDone { done, buf, user_data };
+        let done = Box::new(move |c: &Connection, outcome: std::io::Result<usize>| {
+            let result = match outcome {
+                Ok(n) => n as i64,
+                Err(e) => -(e.raw_os_error().unwrap_or(libc::EIO) as i64),
+            };
+            call.call(c, result);
+        });
+        with_conn(conn, -libc::EINVAL, |c| {
+            // SAFETY: the caller keeps the buffer valid until `done` runs.
+            unsafe { c.recv_into(buf as *mut u8, len, done) }.map_or_else(|e| neg(&e), |()| 0)
         })
     })
 }

@@ -51,6 +51,63 @@ pub trait ServerHandler: Send + Sync + 'static {
     fn on_close(&self, _conn: &Connection, _error: i32) {}
 }
 
+/// Called once a receive into a caller's buffer (`Connection::recv_into`)
+/// is over: with the buffer's length once every byte is in it, or with the
+/// error that ended it first (`ECONNRESET` when the peer finished sending
+/// before the buffer was full, `ECANCELED` when the connection closed, or
+/// the socket's error). Runs on the connection's loop thread.
+pub type RecvDone = Box<dyn FnOnce(&Connection, io::Result<usize>) + Send>;
+
+/// A receive into a caller's buffer, waiting for its bytes.
+pub(crate) struct RecvInto {
+    buf: *mut u8,
+    len: usize,
+    filled: usize,
+    done: RecvDone,
+}
+
+// SAFETY: the buffer is the caller's promise of memory valid until `done`
+// runs, written only by the loop thread (or the kernel on its behalf).
+unsafe impl Send for RecvInto {}
+
+impl RecvInto {
+    /// Copies what it still needs from the front of `data`; returns how
+    /// many bytes it took.
+    fn take_from(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.len - self.filled);
+        // SAFETY: `filled + n <= len`, inside the caller's buffer, which
+        // cannot overlap the loop's receive buffers or input.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.add(self.filled), n) };
+        self.filled += n;
+        n
+    }
+
+    fn is_full(&self) -> bool {
+        self.filled == self.len
+    }
+}
+
+/// The connection whose callback runs on this thread (on_data, or the done
+/// of a receive into a buffer), and the receive into a buffer it asked for.
+struct Delivery {
+    conn: *const ConnShared,
+    request: Option<RecvInto>,
+}
+
+thread_local! {
+    static DELIVERY: std::cell::RefCell<Option<Delivery>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `callback` as a callback of `conn` that may call `recv_into`;
+/// returns its result and the receive into a buffer it asked for.
+fn with_delivery<R>(conn: &Connection, callback: impl FnOnce() -> R) -> (R, Option<RecvInto>) {
+    let mine = Delivery { conn: Arc::as_ptr(&conn.0), request: None };
+    let outer = DELIVERY.with(|d| d.replace(Some(mine)));
+    let result = callback();
+    let mine = DELIVERY.with(|d| d.replace(outer));
+    (result, mine.and_then(|d| d.request))
+}
+
 /// Called with the outcome of a borrowed send: bytes sent, or the error
 /// that ended the connection before it was all sent.
 pub type SendDone = Box<dyn FnOnce(io::Result<usize>) + Send>;
@@ -232,6 +289,40 @@ impl Connection {
         }
         self.kick();
         Ok(())
+    }
+
+    /// Has the next `len` bytes of the stream put straight into `buf`: the
+    /// bytes after those the running `on_data` consumes (its return value),
+    /// then, for what has not arrived yet, the kernel receives into `buf`
+    /// itself (no copy through the loop's buffers on io_uring or epoll).
+    /// `on_data` is not called until `done` has run; the bytes after the
+    /// buffer's go to `on_data` as usual. `done` runs exactly once, on the
+    /// loop thread (see `RecvDone`), and may call `recv_into` again.
+    /// Callable only from this connection's `on_data` or from a `done` of
+    /// its own, once per call. Errors (and `done` does not run): `EINVAL`
+    /// (null `buf`, `len` 0, called from anywhere else), `EBUSY` (a second
+    /// one in the same callback), `ENOTCONN` (closing or closed).
+    ///
+    /// # Safety
+    /// `buf` must be valid for `len` bytes of writes, and not read or
+    /// freed, until `done` runs.
+    pub unsafe fn recv_into(&self, buf: *mut u8, len: usize, done: RecvDone) -> io::Result<()> {
+        if buf.is_null() || len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if !self.accepts_sends() || self.close_request() as u8 >= CloseRequest::Graceful as u8 {
+            return Err(not_connected());
+        }
+        DELIVERY.with(|d| match d.borrow_mut().as_mut() {
+            Some(delivery) if std::ptr::eq(delivery.conn, Arc::as_ptr(&self.0)) => {
+                if delivery.request.is_some() {
+                    return Err(io::Error::from_raw_os_error(libc::EBUSY));
+                }
+                delivery.request = Some(RecvInto { buf, len, filled: 0, done });
+                Ok(())
+            }
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        })
     }
 
     /// Closes once the queued output is sent, after lingering for the peer
@@ -493,6 +584,8 @@ pub(crate) struct ConnState {
     pub(crate) handle: Connection,
     /// Bytes the application has not consumed yet.
     pub(crate) input: Vec<u8>,
+    /// A receive into the application's buffer, waiting for its bytes.
+    into: Option<RecvInto>,
     /// Above `high_water` and the callback ran; re-armed below it.
     pub(crate) above_high_water: bool,
     /// Output went out since the queue was last empty (write-complete due).
@@ -516,6 +609,7 @@ impl ConnState {
             fd,
             handle,
             input: Vec::new(),
+            into: None,
             above_high_water: false,
             wrote: false,
             eof: false,
@@ -526,9 +620,6 @@ impl ConnState {
         }
     }
 
-    /// Hands received bytes to the application: straight from `data` when
-    /// nothing was left over, else after the kept tail. Keeps what it did
-    /// not consume.
     /// Whether the application has heard the last of this connection but
     /// for on_close (and borrowed sends' done): it is closing, lingering, or
     /// the application asked to close it (from any thread, so data or end
@@ -537,23 +628,108 @@ impl ConnState {
         self.closing || self.lingering || self.handle.close_request() as u8 >= CloseRequest::Graceful as u8
     }
 
+    /// Hands received bytes to the application: to a buffer it gave
+    /// `recv_into`, else to on_data, straight from `data` when nothing was
+    /// left over, else after the kept tail. Keeps what it did not consume.
     pub(crate) fn deliver(&mut self, handler: &dyn ServerHandler, data: &[u8]) {
-        if data.is_empty() || self.silent() {
+        if data.is_empty() {
             return;
         }
         if self.input.is_empty() {
-            let used = guarded(data.len(), || handler.on_data(&self.handle, data)).min(data.len());
-            if used < data.len() {
-                self.input.extend_from_slice(&data[used..]);
+            let left = self.consume(handler, data);
+            if left > 0 {
+                self.input.extend_from_slice(&data[data.len() - left..]);
             }
         } else {
-            self.input.extend_from_slice(data);
-            let used = guarded(self.input.len(), || handler.on_data(&self.handle, &self.input)).min(self.input.len());
-            self.input.drain(..used);
-            if self.input.is_empty() {
-                // An idle connection keeps no input memory.
-                self.input = Vec::new();
+            let mut input = std::mem::take(&mut self.input);
+            input.extend_from_slice(data);
+            let left = self.consume(handler, &input);
+            input.drain(..input.len() - left);
+            // An idle connection keeps no input memory.
+            if !input.is_empty() {
+                self.input = input;
             }
+        }
+    }
+
+    /// Feeds `data` to the receive into a buffer, if one waits, and to
+    /// on_data; returns how many bytes at its end on_data left for later.
+    fn consume(&mut self, handler: &dyn ServerHandler, mut data: &[u8]) -> usize {
+        loop {
+            if data.is_empty() || self.silent() {
+                return 0;
+            }
+            if let Some(into) = self.into.as_mut() {
+                let taken = into.take_from(data);
+                data = &data[taken..];
+                if into.is_full() {
+                    self.finish_into(None);
+                }
+                continue;
+            }
+            let handle = &self.handle;
+            let (used, request) =
+                with_delivery(handle, || guarded(data.len(), || handler.on_data(handle, data)).min(data.len()));
+            data = &data[used..];
+            match request {
+                Some(request) => self.into = Some(request),
+                None => return data.len(),
+            }
+        }
+    }
+
+    /// Runs the done of the receive into a buffer: with its length
+    /// (`error` None) or the error. The done may ask for the next one.
+    fn finish_into(&mut self, error: Option<i32>) {
+        let Some(into) = self.into.take() else { return };
+        let outcome = match error {
+            None => Ok(into.len),
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+        };
+        let (done, handle) = (into.done, &self.handle);
+        let ((), request) = with_delivery(handle, || guarded((), || done(handle, outcome)));
+        self.into = request;
+    }
+
+    /// Where the kernel should receive next: the missing part of the
+    /// application's buffer, while one waits and the connection listens.
+    pub(crate) fn receiving_into(&self) -> Option<(*mut u8, usize)> {
+        let into = self.into.as_ref()?;
+        if self.silent() || self.eof {
+            return None;
+        }
+        // SAFETY: filled < len while the receive waits: inside the buffer.
+        Some((unsafe { into.buf.add(into.filled) }, into.len - into.filled))
+    }
+
+    /// The kernel put `bytes` into the buffer `receiving_into` gave.
+    pub(crate) fn received_into(&mut self, bytes: usize) {
+        let Some(into) = self.into.as_mut() else { return };
+        into.filled = (into.filled + bytes).min(into.len);
+        if into.is_full() {
+            self.finish_into(None);
+        }
+    }
+
+    /// The peer finished sending (end of file): a receive into a buffer
+    /// ends unfilled and on_eof runs. Returns whether both directions are
+    /// now done (our write side was shut already), so the loop closes.
+    pub(crate) fn peer_finished(&mut self, handler: &dyn ServerHandler) -> bool {
+        self.eof = true;
+        self.abandon_into(libc::ECONNRESET);
+        if !self.silent() {
+            guarded((), || handler.on_eof(&self.handle));
+        }
+        self.write_shut && !self.closing
+    }
+
+    /// The receive into a buffer ends unfilled (end of file, close): its
+    /// done learns `errno`, and may not ask for another (nothing more can
+    /// arrive).
+    pub(crate) fn abandon_into(&mut self, errno: i32) {
+        if let Some(into) = self.into.take() {
+            let handle = &self.handle;
+            guarded((), || (into.done)(handle, Err(io::Error::from_raw_os_error(errno))));
         }
     }
 
@@ -738,5 +914,78 @@ mod tests {
         assert_ne!(first, second);
         assert_eq!(table.get(slot, first), None, "a stale generation reached the new connection");
         assert_eq!(table.live(), 1);
+    }
+
+    /// A handler for the receive-into tests: `b'L', n` asks for the next
+    /// `n` bytes in `buf`; any other byte is taken as plain data.
+    struct IntoHandler {
+        buf: Mutex<Vec<u8>>,
+        plain: Mutex<Vec<u8>>,
+        outcomes: Arc<Mutex<Vec<Result<usize, i32>>>>,
+    }
+
+    impl ServerHandler for IntoHandler {
+        fn on_data(&self, conn: &Connection, data: &[u8]) -> usize {
+            let plain = data.iter().take_while(|&&b| b != b'L').count();
+            self.plain.lock().extend_from_slice(&data[..plain]);
+            let data = &data[plain..];
+            if data.len() < 2 {
+                return plain;
+            }
+            let len = data[1] as usize;
+            let mut buf = self.buf.lock();
+            *buf = vec![0; len];
+            let outcomes = self.outcomes.clone();
+            let done: RecvDone =
+                Box::new(move |_, outcome| outcomes.lock().push(outcome.map_err(|e| e.raw_os_error().unwrap_or(0))));
+            // SAFETY: the buffer lives in the handler, untouched until done runs.
+            unsafe { conn.recv_into(buf.as_mut_ptr(), len, done) }.expect("asked from on_data");
+            let busy: RecvDone = Box::new(|_, _| {});
+            // SAFETY: refused, so never written.
+            let again = unsafe { conn.recv_into(buf.as_mut_ptr(), len, busy) };
+            assert_eq!(again.map_err(|e| e.raw_os_error()), Err(Some(libc::EBUSY)));
+            plain + 2
+        }
+    }
+
+    #[test]
+    fn a_receive_into_a_buffer_takes_the_bytes_after_those_consumed_and_hands_back_the_rest() {
+        let shared = LoopShared::new().expect("eventfd");
+        let conn = Connection::new(shared, 1, 1, None);
+        let handler = IntoHandler {
+            buf: Mutex::new(Vec::new()),
+            plain: Mutex::new(Vec::new()),
+            outcomes: Arc::new(Mutex::new(Vec::new())),
+        };
+        let mut state = ConnState::new(-1, conn.clone());
+        // Not from on_data: refused.
+        let mut byte = 0u8;
+        // SAFETY: refused, so never written.
+        let outside = unsafe { conn.recv_into(&mut byte, 1, Box::new(|_, _| {})) };
+        assert_eq!(outside.map_err(|e| e.raw_os_error()), Err(Some(libc::EINVAL)));
+
+        // The header split across deliveries; two payload bytes come with it.
+        state.deliver(&handler, b"xL");
+        state.deliver(&handler, b"\x05ab");
+        let (ptr, missing) = state.receiving_into().expect("waiting for three bytes");
+        assert_eq!(missing, 3);
+        assert_eq!(ptr, handler.buf.lock().as_mut_ptr().wrapping_add(2));
+        // The kernel puts one byte in; the rest and two more bytes arrive.
+        // SAFETY: the missing part of the buffer, as receiving_into gave it.
+        unsafe { *ptr = b'c' };
+        state.received_into(1);
+        state.deliver(&handler, b"deyz");
+        assert!(state.receiving_into().is_none());
+        assert_eq!(&handler.buf.lock()[..], b"abcde");
+        assert_eq!(&handler.outcomes.lock()[..], &[Ok(5)]);
+        assert_eq!(&handler.plain.lock()[..], b"xyz");
+
+        // The peer stops halfway: the done learns ECONNRESET, once.
+        state.deliver(&handler, b"L\x04q");
+        assert_eq!(state.receiving_into().map(|(_, missing)| missing), Some(3));
+        state.abandon_into(libc::ECONNRESET);
+        state.abandon_into(libc::ECONNRESET);
+        assert_eq!(&handler.outcomes.lock()[..], &[Ok(5), Err(libc::ECONNRESET)]);
+        assert!(state.input.is_empty());
     }
 }

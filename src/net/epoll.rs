@@ -323,21 +323,24 @@ impl EpollLoop {
         if c.state.eof || c.state.closing {
             return;
         }
-        // SAFETY: a read into our buffer of its length.
-        let n = unsafe { libc::read(c.state.fd, self.read_buf.as_mut_ptr() as *mut libc::c_void, self.read_buf.len()) };
-        if n > 0 {
+        // The application's buffer when it waits for bytes (recv_into),
+        // else the loop's.
+        let into = c.state.receiving_into();
+        let (buf, len) = into.unwrap_or((self.read_buf.as_mut_ptr(), self.read_buf.len()));
+        // SAFETY: a read into a buffer of that length: the loop's own, or
+        // the application's, valid until its done runs.
+        let n = unsafe { libc::read(c.state.fd, buf as *mut libc::c_void, len) };
+        if n > 0 && into.is_some() {
+            c.state.received_into(n as usize);
+        } else if n > 0 {
             c.state.deliver(&*handler, &self.read_buf[..n as usize]);
         } else if n == 0 {
-            c.state.eof = true;
             // No more reads: stop watching for them (EPOLLOUT stays if wanted).
             let events = if c.want_write { libc::EPOLLOUT as u32 } else { 0 };
             let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
             let _ = self.control(libc::EPOLL_CTL_MOD, fd, events, OpTag::conn_op(OpKind::Recv, slot, generation));
             let Some(c) = self.conns.slot(slot) else { return };
-            if !c.state.silent() {
-                guarded((), || handler.on_eof(&c.state.handle));
-            }
-            if c.state.write_shut {
+            if c.state.peer_finished(&*handler) {
                 // Both directions are done: nothing can happen any more.
                 self.close(slot, 0, false);
                 return;
@@ -437,7 +440,7 @@ impl EpollLoop {
     /// Closes a connection at once: nothing is in flight in the kernel on
     /// epoll. `abortive`: the peer sees a reset, queued output is dropped.
     fn close(&mut self, slot: u32, error: i32, abortive: bool) {
-        let Some(c) = self.conns.remove(slot) else { return };
+        let Some(mut c) = self.conns.remove(slot) else { return };
         let fd = c.state.fd;
         let _ = self.control(libc::EPOLL_CTL_DEL, fd, 0, OpTag::loop_op(OpKind::Wake));
         if abortive && error != libc::ECONNRESET && error != libc::EPIPE {
@@ -448,6 +451,7 @@ impl EpollLoop {
         if c.state.lingering {
             self.shared.counters.lingering.fetch_sub(1, Ordering::Relaxed);
         }
+        c.state.abandon_into(if error != 0 { error } else { libc::ECANCELED });
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
         for segment in c.sending.segments {
             let _ = segment.finish(outcome());

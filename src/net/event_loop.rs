@@ -192,6 +192,11 @@ struct UringConn {
     /// Operations in flight on the descriptor (their completions pending).
     ops: u32,
     recv_armed: bool,
+    /// The multishot receive is being cancelled so that a receive into the
+    /// application's buffer can follow.
+    recv_cancel_sent: bool,
+    /// A receive into the application's buffer is in flight.
+    into_armed: bool,
     /// Single-shot receive buffer (kernels without buffer rings).
     recv_buf: Option<Box<[u8]>>,
     /// Output taken for sending; a send is in flight while `send_busy`.
@@ -452,6 +457,7 @@ impl UringLoop {
             OpKind::Accept => self.on_accept(result, flags),
             OpKind::AcceptRetry => self.on_accept_retry(),
             OpKind::Recv => self.on_recv(tag, result, flags),
+            OpKind::RecvInto => self.on_recv_into(tag, result),
             OpKind::Send => self.on_send(tag, result),
             OpKind::Cancel => self.on_cancel(tag, result),
             OpKind::LingerTimer => self.on_linger_timer(),
@@ -602,6 +608,8 @@ impl UringLoop {
                 state: ConnState::new(raw, handle.clone()),
                 ops: 0,
                 recv_armed: false,
+                recv_cancel_sent: false,
+                into_armed: false,
                 recv_buf: None,
                 sending: Sending::default(),
                 send_busy: false,
@@ -619,10 +627,18 @@ impl UringLoop {
         let mode = self.recv_mode;
         let buf_size = self.opts.recv_buffer_size;
         let Some(c) = self.conns.slot(slot) else { return };
-        if c.recv_armed || c.state.closing || c.state.eof {
+        if c.recv_armed || c.into_armed || c.state.closing || c.state.eof {
             return;
         }
         let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
+        if let Some((buf, missing)) = c.state.receiving_into() {
+            let len = missing.min(u32::MAX as usize) as u32;
+            c.into_armed = true;
+            c.ops += 1;
+            let entry = recv::prepare_into(fd, buf, len, slot, generation);
+            self.push(&entry);
+            return;
+        }
         let entry = match mode {
             RecvMode::Multishot => recv::prepare_multishot(fd, slot, generation),
             RecvMode::Single => {
@@ -649,6 +665,7 @@ impl UringLoop {
         };
         if !more {
             c.recv_armed = false;
+            c.recv_cancel_sent = false;
             c.ops -= 1;
         }
         let mut ended = None;
@@ -680,12 +697,7 @@ impl UringLoop {
                 }
             }
         } else if result == 0 {
-            c.state.eof = true;
-            if !c.state.silent() {
-                guarded((), || handler.on_eof(&c.state.handle));
-            }
-            if c.state.write_shut && !c.state.closing {
-                // Both directions are done: nothing can happen any more.
+            if c.state.peer_finished(&*handler) {
                 ended = Some(0);
             }
         } else if result == -libc::ENOBUFS {
@@ -705,15 +717,61 @@ impl UringLoop {
         match ended {
             Some(errno) => self.begin_close(tag.slot, errno, errno != 0),
             None => {
-                if !more && result > 0 {
-                    self.arm_recv(tag.slot);
-                }
                 if result == 0 {
                     self.watch_eof(tag.slot);
+                } else if !more && (result > 0 || result == -libc::ECANCELED) {
+                    // ECANCELED without a close: our own cancel, made way
+                    // for a receive into the application's buffer.
+                    self.arm_recv(tag.slot);
+                } else if more {
+                    self.make_way_for_recv_into(tag.slot);
                 }
                 self.pump(tag.slot);
             }
         }
+    }
+
+    /// The application asked for the next bytes in its own buffer
+    /// (`Connection::recv_into`) while the multishot receive is armed:
+    /// cancel it, so that the kernel does not take them into the ring's
+    /// buffers. What it still brings is copied; then `arm_recv` receives
+    /// into the buffer.
+    fn make_way_for_recv_into(&mut self, slot: u32) {
+        let Some(c) = self.conns.slot(slot) else { return };
+        if !c.recv_armed || c.recv_cancel_sent || c.state.receiving_into().is_none() {
+            return;
+        }
+        c.recv_cancel_sent = true;
+        c.ops += 1;
+        let generation = c.state.handle.0.generation;
+        let entry = cancel::prepare_by_tag(OpTag::conn_op(OpKind::Recv, slot, generation), slot, generation);
+        self.push(&entry);
+    }
+
+    /// A receive into the application's buffer completed.
+    fn on_recv_into(&mut self, tag: OpTag, result: i32) {
+        let handler = self.handler.clone();
+        let Some(c) = self.conns.get(tag.slot, tag.generation) else { return };
+        c.ops -= 1;
+        c.into_armed = false;
+        if c.state.closing {
+            self.maybe_finish_close(tag.slot);
+            return;
+        }
+        if result > 0 {
+            c.state.received_into(result as usize);
+        } else if result == 0 {
+            if c.state.peer_finished(&*handler) {
+                self.begin_close(tag.slot, 0, false);
+                return;
+            }
+            self.watch_eof(tag.slot);
+        } else if result != -libc::ECANCELED && result != -libc::EINTR && result != -libc::EAGAIN {
+            self.begin_close(tag.slot, -result, true);
+            return;
+        }
+        self.arm_recv(tag.slot);
+        self.pump(tag.slot);
     }
 
     /// After the peer's end of file: watch the socket for a later reset
@@ -933,6 +991,9 @@ impl UringLoop {
         if c.recv_armed {
             targets.push(OpTag::conn_op(OpKind::Recv, slot, generation));
         }
+        if c.into_armed {
+            targets.push(OpTag::conn_op(OpKind::RecvInto, slot, generation));
+        }
         if c.send_busy {
             targets.push(OpTag::conn_op(OpKind::Send, slot, generation));
         }
@@ -948,9 +1009,11 @@ impl UringLoop {
             self.loop_ops -= 1;
             return;
         }
+        let cancel_by_fd = self.cancel_by_fd;
         let Some(c) = self.conn(tag.slot, tag.generation) else { return };
         c.ops -= 1;
-        if result == -libc::EINVAL && self.cancel_by_fd {
+        // (A cancel that made way for a receive into a buffer is by tag.)
+        if result == -libc::EINVAL && cancel_by_fd && c.state.closing {
             // A kernel without IORING_ASYNC_CANCEL_FD: cancel each operation.
             self.cancel_by_fd = false;
             self.cancel_each(tag.slot);
@@ -965,7 +1028,7 @@ impl UringLoop {
         if !c.state.closing || c.ops > 0 {
             return;
         }
-        let Some(c) = self.conns.remove(slot) else { return };
+        let Some(mut c) = self.conns.remove(slot) else { return };
         // SAFETY: the descriptor is ours (adopted from the acceptor) and no
         // operation is in flight on it any more.
         unsafe { libc::close(c.state.fd) };
@@ -977,6 +1040,7 @@ impl UringLoop {
             self.shared.counters.lingering.fetch_sub(1, Ordering::Relaxed);
         }
         let error = c.state.error;
+        c.state.abandon_into(if error != 0 { error } else { libc::ECANCELED });
         let outcome = || Err(io::Error::from_raw_os_error(if error != 0 { error } else { libc::ECANCELED }));
         for segment in c.sending.segments {
             self.finish_segment(segment, outcome());

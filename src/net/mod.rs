@@ -21,7 +21,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-pub use connection::{Connection, SendDone, ServerHandler};
+pub use connection::{Connection, RecvDone, SendDone, ServerHandler};
 pub use server::{ServerStats, TcpServer};
 
 /// Name of the environment variable operators use to force a backend.

@@ -508,6 +508,23 @@ static uint32_t session_admit(void *io, const struct nbd_request *req) {
     return 0;
 }
 
+/* A write payload is in its buffer (or the connection ended first). */
+static void payload_in(struct ioe_conn *ioc, void *buf, int64_t result, void *user_data) {
+    (void)buf;
+    (void)ioc;
+    struct conn *c = user_data;
+    struct server *srv = c->srv;
+    batch.open = true;
+    nbd_session_payload_in(c->session, result >= 0);
+    batch.open = false;
+    batch_flush(srv);
+}
+
+static int session_receive_into(void *io, uint8_t *dst, size_t len) {
+    struct conn *c = io;
+    return ioe_conn_recv_into(c->ioc, dst, len, payload_in, c);
+}
+
 static void on_high_water(struct ioe_conn *ioc, size_t queued, void *user_data) {
     (void)queued;
     (void)user_data;
@@ -808,7 +825,7 @@ int main(int argc, char **argv) {
     srv->exp.preferred_block = 4096;
     srv->exp.max_payload = NBD_MAX_PAYLOAD;
     srv->ops = (struct nbd_session_ops){.send = session_send, .close = session_close, .request = on_request,
-                                        .admit = session_admit,
+                                        .admit = session_admit, .receive_into = session_receive_into,
                                         .disconnect = session_disconnect, .alloc = pool_alloc,
                                         .free = pool_free};
     if (ioe_buffer_alloc(ZERO_CHUNK, 4096, &srv->zeroes) < 0) return fprintf(stderr, "ioe-nbd: out of memory\n"), 1;

@@ -33,6 +33,8 @@ struct nbd_session {
     /* A write whose payload is arriving. */
     struct nbd_request *filling;
     uint32_t filled;
+    /* The rest of `filling` is being received straight into it. */
+    bool receiving;
 };
 
 struct nbd_session *nbd_session_new(const struct nbd_export_info *exp, const struct nbd_session_ops *ops, void *io) {
@@ -49,6 +51,15 @@ void nbd_session_free(struct nbd_session *s) {
     if (!s) return;
     if (s->filling) nbd_request_free(s->filling);
     free(s);
+}
+
+void nbd_session_payload_in(struct nbd_session *s, bool ok) {
+    struct nbd_request *req = s->filling;
+    if (!s->receiving || !req) return;
+    s->receiving = false;
+    s->filling = NULL;
+    if (ok) s->ops->request(s->io, req);
+    else nbd_request_free(req);
 }
 
 void nbd_session_shutdown(struct nbd_session *s) { atomic_store(&s->shutting_down, true); }
@@ -471,6 +482,14 @@ size_t nbd_session_input(struct nbd_session *s, const uint8_t *data, size_t len)
         if (s->filling) {
             struct nbd_request *req = s->filling;
             size_t n = req->len - s->filled;
+            if (s->receiving) return used; /* the engine does not feed us then */
+            /* Most of a large payload still to come: into its buffer
+             * directly, without a copy through the engine's. */
+            if (s->ops->receive_into && n > avail && n - avail >= NBD_RECEIVE_INTO_MIN &&
+                s->ops->receive_into(s->io, req->data + s->filled, n) == 0) {
+                s->receiving = true;
+                return used;
+            }
             if (n > avail) n = avail;
             memcpy(req->data + s->filled, p, n);
             s->filled += (uint32_t)n;

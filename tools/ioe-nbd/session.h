@@ -21,6 +21,10 @@
 #define NBD_MAX_PAYLOAD (32u << 20)
 #define NBD_MAX_OPTION (64u << 10)
 
+/* A write payload with at least this much still to arrive is received
+ * straight into its buffer (ops->receive_into), when offered. */
+#define NBD_RECEIVE_INTO_MIN (32u << 10)
+
 /* The one export a server offers. */
 struct nbd_export_info {
     const char *name;        /* matched by name; the empty name means it too */
@@ -65,6 +69,11 @@ struct nbd_session_ops {
     void (*request)(void *io, struct nbd_request *req);
     /* NBD_CMD_DISC: close once every request handed over is answered. */
     void (*disconnect)(void *io);
+    /* Optional: takes the rest of a write payload, `len` bytes, straight
+     * into `dst` (ioe_conn_recv_into). 0: the bytes after those consumed so
+     * far go there, no more input is fed until nbd_session_payload_in; else
+     * the session copies them as they arrive. Asked only for large ones. */
+    int (*receive_into)(void *io, uint8_t *dst, size_t len);
     /* Buffers for write payloads (aligned for O_DIRECT); NULL on failure. */
     void *(*alloc)(size_t len);
     void (*free)(void *mem);
@@ -78,6 +87,9 @@ void nbd_session_start(struct nbd_session *s);
 /* Feeds bytes from the peer; returns how many were consumed (the rest is
  * offered again with the next bytes, so a message may arrive in pieces). */
 size_t nbd_session_input(struct nbd_session *s, const uint8_t *data, size_t len);
+/* The payload receive_into took is in (ok) or never will be (the
+ * connection ended): the write goes ahead, or is dropped. */
+void nbd_session_payload_in(struct nbd_session *s, bool ok);
 /* From now on requests are answered with NBD_ESHUTDOWN and options with
  * NBD_REP_ERR_SHUTDOWN. Any thread. */
 void nbd_session_shutdown(struct nbd_session *s);

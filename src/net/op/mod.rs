@@ -40,6 +40,9 @@ pub(crate) enum OpKind {
     /// A block request on the loop's ring (`op::file`); the slot is the
     /// file operation's, not a connection's.
     File = 9,
+    /// A connection's receive into the application's buffer
+    /// (`Connection::recv_into`).
+    RecvInto = 10,
 }
 
 impl OpKind {
@@ -54,6 +57,7 @@ impl OpKind {
             7 => OpKind::LingerTimer,
             8 => OpKind::EofWatch,
             9 => OpKind::File,
+            10 => OpKind::RecvInto,
             _ => return None,
         })
     }
@@ -105,6 +109,8 @@ mod tests {
             OpKind::Cancel,
             OpKind::LingerTimer,
             OpKind::EofWatch,
+            OpKind::File,
+            OpKind::RecvInto,
         ] {
             for (slot, generation) in [(0, 0), (7, 1), (u32::MAX, GENERATION_MASK), (12, GENERATION_MASK + 5)] {
                 let tag = OpTag::conn_op(kind, slot, generation);

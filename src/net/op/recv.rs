@@ -1,5 +1,6 @@
 //! Receive: multishot from the loop's provided buffer ring (6.0), or one
-//! receive at a time into a buffer of the connection's own.
+//! receive at a time into a buffer of the connection's own, or into the
+//! application's buffer.
 
 use io_uring::opcode;
 use io_uring::squeue::Entry;
@@ -23,6 +24,16 @@ pub(crate) fn prepare_multishot(fd: i32, slot: u32, generation: u32) -> Entry {
 /// the completion).
 pub(crate) fn prepare_single(fd: i32, buf: *mut u8, len: u32, slot: u32, generation: u32) -> Entry {
     opcode::Recv::new(Fd(fd), buf, len).build().user_data(OpTag::conn_op(OpKind::Recv, slot, generation).encode())
+}
+
+/// A receive into the application's buffer (`Connection::recv_into`):
+/// MSG_WAITALL, so the kernel keeps receiving until `len` bytes are in
+/// (one completion) unless the stream ends or fails first.
+pub(crate) fn prepare_into(fd: i32, buf: *mut u8, len: u32, slot: u32, generation: u32) -> Entry {
+    opcode::Recv::new(Fd(fd), buf, len)
+        .flags(libc::MSG_WAITALL)
+        .build()
+        .user_data(OpTag::conn_op(OpKind::RecvInto, slot, generation).encode())
 }
 
 /// The provided buffer a completion carries, if any.
