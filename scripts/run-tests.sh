@@ -2,7 +2,7 @@
 # Runs every test: source checks, the Rust unit and integration tests (both
 # backends, debug and release), then the C suite with ctest (C tests, header
 # checks, exported symbols, install + pkg-config/CMake consumers, examples).
-# Installs what it needs (cmake, pkg-config, gcc/g++, liburing-dev, qemu-utils,
+# Installs what it needs (cmake, pkg-config, gcc/g++, liburing-dev, clang, qemu-utils,
 # libnbd-bin, nbdkit, fio) on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +40,18 @@ if [ ${#nbd_need[@]} -gt 0 ]; then
   apt-get install -y -qq "${nbd_need[@]}" >/dev/null 2>&1 ||
     { apt-get update -qq && apt-get install -y -qq "${nbd_need[@]}" >/dev/null; } ||
     echo "   (could not install ${nbd_need[*]}: the tests needing them will be skipped)"
+fi
+
+# clang with libFuzzer fuzzes ioe-nbd's protocol parser (scripts/fuzz.sh).
+if ! command -v clang >/dev/null; then
+  echo "== installing clang (libFuzzer)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq clang >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq clang >/dev/null; } ||
+    echo "   (could not install clang: fuzzing will be skipped; ctest still replays the corpus)"
+fi
+if command -v clang >/dev/null && [ -z "$(clang -print-file-name=libclang_rt.fuzzer-x86_64.a 2>/dev/null | grep /)" ]; then
+  major=$(clang -dumpversion | cut -d. -f1)
+  apt-get install -y -qq "libclang-rt-$major-dev" >/dev/null 2>&1 || true
 fi
 
 # Tests force their backend; an operator override would defeat that.
@@ -87,3 +99,9 @@ if [ -n "$saved" ] && { echo 2 > "$sysctl_file"; } 2>/dev/null && [ "$(cat "$sys
 else
   echo "SKIP: cannot set kernel.io_uring_disabled here (not root, no such sysctl, or /proc/sys read-only)"
 fi
+
+# Coverage-guided fuzzing of ioe-nbd's handshake, option and request
+# parsing, bounded; a crash fails the run (and its input is kept in
+# build/fuzz/ to be added to the corpus as a regression).
+echo "== fuzzing ioe-nbd's protocol state machine (${IOENGINE_FUZZ_SECONDS:-120} s)"
+bash scripts/fuzz.sh "${IOENGINE_FUZZ_SECONDS:-120}"
