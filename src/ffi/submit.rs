@@ -94,7 +94,9 @@ pub struct ioe_request {
     /// Bytes to read/write (> 0), the number of iovecs (readv/writev), or
     /// the fallocate length (> 0).
     pub len: u64,
-    /// File offset, at most INT64_MAX together with len.
+    /// File offset, at most INT64_MAX together with len. Ignored on streams
+    /// (pipes, sockets, terminals), which are read and written in order, as
+    /// by read(2) and write(2), on both backends.
     pub offset: u64,
     /// Called exactly once with the result; must not be NULL.
     pub callback: ioe_callback,
