@@ -13,7 +13,7 @@ connection owns one region of the export.
 
 usage: test_model.py IOE_NBD_BINARY [extra ioe-nbd options...]
 IOE_NBD_MODEL_SEED=N repeats a run; IOE_NBD_MODEL_ROUNDS=N rounds per
-connection (default 60)."""
+connection (default 200)."""
 import os
 import random
 import struct
@@ -163,7 +163,7 @@ def drive(port, index, seed, rounds, model, totals, failures):
 def main():
     binary, extra = sys.argv[1], sys.argv[2:]
     seed = int(os.environ.get("IOE_NBD_MODEL_SEED", str(time.time_ns() % 1000000007)))
-    rounds = int(os.environ.get("IOE_NBD_MODEL_ROUNDS", "60"))
+    rounds = int(os.environ.get("IOE_NBD_MODEL_ROUNDS", "200"))
     print(f"model: seed {seed} (IOE_NBD_MODEL_SEED={seed} repeats it), {rounds} rounds per connection")
     path = temp_image(SIZE, [(i * MiB, 64 * 1024) for i in range(0, 16, 3)])
     try:
