@@ -11,13 +11,16 @@
  *   - pipes (the offset ignored, as for any stream), directories (-EISDIR), read-only
  *     descriptors (-EBADF), a file truncated under a read (short read),
  *     offsets near and past INT64_MAX, lengths over 2 and 4 GiB;
+ *   - a callback that blocks while many requests are queued behind it;
  *   - SIGPIPE left at its default: a peer that resets while a server
  *     sends does not kill the process.
  * The sysctl and rlimit changes are restored before each case ends; ctest
  * runs this test alone (RUN_SERIAL) because of the sysctl. */
 #include "net_util.h"
 
+#include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -324,6 +327,60 @@ static void odd_files(uint32_t backend) {
            name(backend), over4 == -EINVAL ? "-EINVAL" : "short read");
 }
 
+/* A callback that blocks (a slow callback) until the main thread has
+ * queued many more requests: submissions are still accepted, and every
+ * request completes once it returns, none lost, none twice. */
+struct gate {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool open, entered;
+};
+static struct gate gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false, false};
+
+static void slow_callback(void *user_data, int64_t result) {
+    pthread_mutex_lock(&gate.mu);
+    gate.entered = true;
+    pthread_cond_broadcast(&gate.cv);
+    while (!gate.open) pthread_cond_wait(&gate.cv, &gate.mu);
+    pthread_mutex_unlock(&gate.mu);
+    on_complete(user_data, result);
+}
+
+static void slow_callbacks(uint32_t backend, uint32_t pool_threads) {
+    struct ioe_workers *pool = NULL;
+    if (pool_threads) CHECK_EQ(ioe_workers_create(pool_threads, &pool), 0);
+    struct ioe_context *ctx = open_context(backend, 16, pool);
+    enum { MANY = 300 };
+    int fd = temp_file(MANY * 512, 0);
+    struct waiter done;
+    waiter_init(&done);
+    struct slot *slots = slots_new(MANY + 1, &done);
+    static uint8_t bufs[MANY + 1][512];
+    gate.open = gate.entered = false;
+    CHECK_EQ(ioe_read(ctx, fd, bufs[MANY], 512, 0, IOE_CHANNEL_READ, slow_callback, &slots[MANY]), 0);
+    pthread_mutex_lock(&gate.mu);
+    while (!gate.entered) pthread_cond_wait(&gate.cv, &gate.mu);
+    pthread_mutex_unlock(&gate.mu);
+    /* The first callback is blocked: queue many more meanwhile. */
+    for (int i = 0; i < MANY; i++) {
+        CHECK_EQ(ioe_write(ctx, fd, bufs[i], 512, (uint64_t)i * 512, IOE_CHANNEL_WRITE, on_complete, &slots[i]), 0);
+    }
+    pthread_mutex_lock(&gate.mu);
+    gate.open = true;
+    pthread_cond_broadcast(&gate.cv);
+    pthread_mutex_unlock(&gate.mu);
+    waiter_wait(&done, MANY + 1);
+    slots_check_once(slots, MANY + 1);
+    for (int i = 0; i <= MANY; i++) CHECK_EQ(slots[i].result, 512);
+    still_serving(ctx);
+    CHECK_EQ(ioe_context_destroy(ctx), 0);
+    if (pool) CHECK_EQ(ioe_workers_destroy(pool), 0);
+    free(slots);
+    close(fd);
+    printf("%s: a callback blocked (%s) while %d requests were queued: all completed once: ok\n", name(backend),
+           pool_threads ? "pool" : "inline", MANY);
+}
+
 /* SIGPIPE at its default: a server sending to a peer that reset. */
 static atomic_int sigpipe_closed;
 static struct waiter sigpipe_done;
@@ -394,6 +451,8 @@ int main(void) {
         file_size_limit(BACKENDS[b]);
         full_file_system(BACKENDS[b]);
         odd_files(BACKENDS[b]);
+        slow_callbacks(BACKENDS[b], 0);
+        slow_callbacks(BACKENDS[b], 2);
         ran++;
     }
     if (backend_available(IOE_BACKEND_AIO)) aio_limit_used_up();
