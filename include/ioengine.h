@@ -614,7 +614,9 @@ typedef struct ioe_request {
      */
     uint64_t len;
     /**
-     * File offset, at most INT64_MAX together with len.
+     * File offset, at most INT64_MAX together with len. Ignored on streams
+     * (pipes, sockets, terminals), which are read and written in order, as
+     * by read(2) and write(2), on both backends.
      */
     uint64_t offset;
     /**

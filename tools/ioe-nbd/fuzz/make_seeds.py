@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Writes the fuzz target's starting inputs (corpus/seed-*): valid
-handshakes and request streams that the fuzzer then mutates. The first byte
-is the harness mode (see fuzz_session.c), the second the piece-size seed."""
+"""Writes the fuzz targets' starting inputs: for fuzz_session
+(corpus/session/seed-*), valid handshakes and request streams, the first
+byte the harness mode (see fuzz_session.c), the second the piece-size seed;
+for fuzz_options (corpus/options/seed-*), command lines."""
 import os
 import struct
-import sys
 
 IHAVEOPT = 0x49484156454F5054
 REQ_MAGIC = 0x25609513
@@ -56,11 +56,22 @@ SEEDS = {
     + req(1, 0, 0x1123, cookie=12, payload=b"z" * 0x1123) + req(4, 0, 4096, cookie=13),
 }
 
-out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
-if len(sys.argv) > 1:
-    out = sys.argv[1]
-os.makedirs(out, exist_ok=True)
-for name, data in SEEDS.items():
-    with open(os.path.join(out, "seed-" + name), "wb") as f:
-        f.write(data)
-print(f"wrote {len(SEEDS)} seeds to {out}")
+# Command lines for fuzz_options (arguments separated by NUL bytes).
+OPTION_SEEDS = {
+    "typical": b"-p\x0010809\x00-b\x00127.0.0.1\x00-x\x00disk\x00-r\x00image.raw",
+    "long-options": b"--port=0\x00--cache=none\x00--aio=native\x00--shared=8\x00--loops=2\x00--queue-depth=64"
+    b"\x00--disk-io=engine\x00--format=raw\x00-t\x00--description=d\x00file",
+    "unix": b"-k\x00/tmp/s.sock\x00--disk-io=loop\x00-n\x00f",
+    "errors": b"-p\x0099999\x00--cache=bad\x00-e\x000\x00-Z\x00--loops",
+    "help": b"--help",
+    "cluster": b"-rnt\x00-pxyz\x00a\x00b",
+}
+
+here = os.path.dirname(os.path.abspath(__file__))
+for corpus, seeds in (("session", SEEDS), ("options", OPTION_SEEDS)):
+    out = os.path.join(here, "corpus", corpus)
+    os.makedirs(out, exist_ok=True)
+    for name, data in seeds.items():
+        with open(os.path.join(out, "seed-" + name), "wb") as f:
+            f.write(data)
+    print(f"wrote {len(seeds)} seeds to {out}")
