@@ -11,6 +11,7 @@
  *   - pipes (the offset ignored, as for any stream), directories (-EISDIR), read-only
  *     descriptors (-EBADF), a file truncated under a read (short read),
  *     offsets near and past INT64_MAX, lengths over 2 and 4 GiB;
+ *   - a buffer allocation that cannot succeed (-ENOMEM);
  *   - a callback that blocks while many requests are queued behind it;
  *   - SIGPIPE left at its default: a peer that resets while a server
  *     sends does not kill the process.
@@ -455,6 +456,10 @@ int main(void) {
         slow_callbacks(BACKENDS[b], 2);
         ran++;
     }
+    /* Memory the caller asks for and cannot have: -ENOMEM, nothing stored. */
+    void *huge = (void *)1;
+    CHECK_EQ(ioe_buffer_alloc((size_t)1 << 62, 0, &huge), -ENOMEM);
+    CHECK(huge == NULL);
     if (backend_available(IOE_BACKEND_AIO)) aio_limit_used_up();
     threads_refused();
     for (int i = 0; i < 2; i++) {
