@@ -3,8 +3,9 @@
  * engine's buffers), payloads that arrive after the buffer was given (the
  * kernel receives into it), payloads larger than the socket buffers, a
  * done that asks for the next part, bytes after a payload going back to
- * on_data, a peer that stops or resets halfway, a server stopped with a
- * buffer waiting, and refusals. Every byte is compared, every done counted
+ * on_data, a peer that stops or resets halfway, a buffer given after
+ * shutdown_write, a close or an abort with a buffer waiting, a server
+ * stopped with a buffer waiting, and refusals. Every byte is compared, every done counted
  * exactly once and before on_close, every buffer freed (ASan run). */
 #include "net_util.h"
 
@@ -16,11 +17,14 @@
 #define SMALL 64
 #define F_ACK 0x80000000u   /* the server sends 'A' once the buffer is given */
 #define F_CHAIN 0x40000000u /* received in two parts, the second asked from done */
-#define LEN_MASK 0x0fffffffu
+#define F_SHUT 0x20000000u  /* ack, shutdown_write, then the buffer; done counts, no reply */
+#define F_CLOSE 0x10000000u /* the buffer, ack, then ioe_conn_close */
+#define F_ABORT 0x08000000u /* the buffer, ack, then ioe_conn_abort */
+#define LEN_MASK 0x07ffffffu
 
 struct rx_server {
     struct ioe_server *server;
-    atomic_int given, dones, failed_dones, closes, bad;
+    atomic_int given, dones, failed_dones, closes, bad, shut_ok;
     atomic_int last_error;
     struct waiter closed, failed, connected;
     struct ioe_conn *kept;
@@ -64,7 +68,13 @@ static void on_done(struct ioe_conn *conn, void *buf, int64_t result, void *user
     uint8_t *start = c->part ? c->buf : buf;
     uint32_t expect = c->part ? c->len - c->len / 2 : c->len;
     if (result != expect || start != c->buf) atomic_fetch_add(&s->bad, 1);
-    reply(conn, c->seed, matches_pattern(c->buf, c->len, c->seed) ? 0 : 1);
+    if (c->flags & F_SHUT) {
+        /* The write side is shut: counted instead of answered. */
+        if (matches_pattern(c->buf, c->len, c->seed)) atomic_fetch_add(&s->shut_ok, 1);
+        else atomic_fetch_add(&s->bad, 1);
+    } else {
+        reply(conn, c->seed, matches_pattern(c->buf, c->len, c->seed) ? 0 : 1);
+    }
     free(c->buf);
     c->buf = NULL;
 }
@@ -94,11 +104,23 @@ static size_t rx_on_data(struct ioe_conn *conn, const void *data, size_t len, vo
         c->flags = word;
         c->part = 0;
         uint32_t first = (word & F_CHAIN) ? n / 2 : n;
+        if (word & F_SHUT) {
+            /* Receiving goes on after shutdown_write. */
+            CHECK_EQ(ioe_conn_send(conn, "A", 1), 0);
+            CHECK_EQ(ioe_conn_shutdown_write(conn), 0);
+        }
         CHECK_EQ(ioe_conn_recv_into(conn, c->buf, first, on_done, c), 0);
         atomic_fetch_add(&s->given, 1);
         /* Only one at a time. */
         CHECK_EQ(ioe_conn_recv_into(conn, c->buf, first, on_done, c), -EBUSY);
         if (word & F_ACK) CHECK_EQ(ioe_conn_send(conn, "A", 1), 0);
+        if (word & F_CLOSE) CHECK_EQ(ioe_conn_close(conn), 0);
+        if (word & F_ABORT) CHECK_EQ(ioe_conn_abort(conn), 0);
+        if (word & (F_CLOSE | F_ABORT)) {
+            /* Closing: no more buffers. */
+            uint8_t byte;
+            CHECK_EQ(ioe_conn_recv_into(conn, &byte, 1, on_done, c), -ENOTCONN);
+        }
         return used + 8; /* the payload follows into the buffer */
     }
     return used;
@@ -255,14 +277,47 @@ static void run(uint32_t backend) {
     CHECK(atomic_load(&s->last_error) == ECONNRESET || atomic_load(&s->last_error) == EPIPE);
     waiter_wait(&s->closed, 2);
 
-    /* 7. The server stops with a buffer waiting: -ECANCELED, once. */
+    /* 7. After shutdown_write the buffer still fills (the client sees the
+     * ack, then end of file, then sends the payload). */
+    sock = connect_to(port);
+    n = put_message(out, 150000, F_SHUT, 700);
+    CHECK_EQ(exchange(sock, out, 8, &ack, 1), 1);
+    CHECK_EQ(ack, 'A');
+    CHECK_EQ(read_to_eof(sock, &ack, 1), 0);
+    CHECK_EQ(exchange(sock, out + 8, n - 8, &none, 0), 0);
+    close(sock);
+    waiter_wait(&s->closed, 3);
+    CHECK_EQ(atomic_load(&s->shut_ok), 1);
+    CHECK_EQ(atomic_load(&s->failed_dones), 2);
+
+    /* 8. The application closes, then aborts, with a buffer waiting:
+     * -ECANCELED once, before on_close (for the close, once the peer
+     * finishes: the close lingers for it). */
+    sock = connect_to(port);
+    n = put_message(out, 100000, F_ACK | F_CLOSE, 800);
+    CHECK_EQ(exchange(sock, out, 8, &ack, 1), 1);
+    CHECK_EQ(read_to_eof(sock, &ack, 1), 0);
+    close(sock);
+    waiter_wait(&s->failed, 3);
+    CHECK_EQ(atomic_load(&s->last_error), ECANCELED);
+    waiter_wait(&s->closed, 4);
+    sock = connect_to(port);
+    /* (An abort drops queued output: no ack to wait for.) */
+    n = put_message(out, 100000, F_ABORT, 900);
+    CHECK_EQ(write(sock, out, 8), 8);
+    waiter_wait(&s->failed, 4);
+    CHECK_EQ(atomic_load(&s->last_error), ECANCELED);
+    waiter_wait(&s->closed, 5);
+    close(sock);
+
+    /* 9. The server stops with a buffer waiting: -ECANCELED, once. */
     sock = connect_to(port);
     n = put_message(out, 100000, F_ACK, 600);
     CHECK_EQ(exchange(sock, out, 8, &ack, 1), 1);
     CHECK_EQ(ioe_server_stop(s->server), 0);
-    CHECK_EQ(atomic_load(&s->failed_dones), 3);
+    CHECK_EQ(atomic_load(&s->failed_dones), 5);
     CHECK_EQ(atomic_load(&s->last_error), ECANCELED);
-    CHECK_EQ(atomic_load(&s->closes), 3);
+    CHECK_EQ(atomic_load(&s->closes), 6);
     close(sock);
 
     CHECK_EQ(atomic_load(&s->bad), 0);

@@ -70,7 +70,7 @@ pub struct ioe_server_options {
     pub sqpoll_cpu: u32,
     /// With IOE_SERVER_CQSIZE: completion-queue entries per loop, at least
     /// the submission queue's (1024), at most 65536. By default each loop's
-    /// CQ is sized so that it cannot overflow: 3 entries per connection it
+    /// CQ is sized so that it cannot overflow: 4 entries per connection it
     /// may hold, one per receive buffer, the backlog, a few more.
     pub cq_size: u32,
     /// io_uring: receive buffers per loop, a power of two up to 32768
@@ -646,7 +646,9 @@ pub extern "C" fn ioe_conn_send_borrowed(
 /// the connection's loop thread: `result` is the buffer's length once every
 /// byte is in it, or a negative errno if the connection ended first
 /// (-ECONNRESET: the peer finished sending before the buffer was full;
-/// -ECANCELED: closed or stopped; else the socket's error). From here the
+/// -ECANCELED: the application closed or aborted the connection, or the
+/// server stopped; else the socket's error). It runs even after a close was
+/// asked for, before on_close. From here the
 /// application owns the buffer again; it may call ioe_conn_recv_into for the
 /// next bytes (not after an error), send, submit and close.
 pub type ioe_recv_done =
@@ -678,12 +680,13 @@ impl RecvIntoDone {
 /// value) go into the buffer first, then the kernel receives the rest into
 /// it directly. on_data is not called again until `done` has run; the
 /// bytes after the buffer's go to on_data as usual. `done` runs exactly
-/// once, on the loop thread, perhaps before on_data returns to the engine
-/// (when the bytes are already there) but never inside this call. `buf`
-/// must stay valid, and must not be read or freed, until then. Returns 0;
-/// -EINVAL (NULL conn, buf or done, len 0, or not called from this
-/// connection's on_data or done); -EBUSY (called twice in one callback);
-/// -ENOTCONN (closing or closed). No callback on an error.
+/// once, on the loop thread: right after on_data returns when the bytes
+/// are already there, never inside this call. `buf` must stay valid, and
+/// must not be read or freed, until then. Allowed after
+/// ioe_conn_shutdown_write (receiving goes on). Returns 0; -EINVAL (NULL
+/// conn, buf or done, len 0, or not called from this connection's on_data
+/// or done); -EBUSY (called twice in one callback); -ENOTCONN (close or
+/// abort asked for, or closed). No callback on an error.
 #[no_mangle]
 pub extern "C" fn ioe_conn_recv_into(
     conn: *mut ioe_conn,

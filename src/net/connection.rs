@@ -54,8 +54,10 @@ pub trait ServerHandler: Send + Sync + 'static {
 /// Called once a receive into a caller's buffer (`Connection::recv_into`)
 /// is over: with the buffer's length once every byte is in it, or with the
 /// error that ended it first (`ECONNRESET` when the peer finished sending
-/// before the buffer was full, `ECANCELED` when the connection closed, or
-/// the socket's error). Runs on the connection's loop thread.
+/// before the buffer was full, `ECANCELED` when the application closed or
+/// aborted the connection or the server stopped, or the socket's error).
+/// Runs on the connection's loop thread, also after a close was asked for
+/// (the one callback besides on_close and borrowed sends' done that does).
 pub type RecvDone = Box<dyn FnOnce(&Connection, io::Result<usize>) + Send>;
 
 /// A receive into a caller's buffer, waiting for its bytes.
@@ -295,13 +297,15 @@ impl Connection {
     /// bytes after those the running `on_data` consumes (its return value),
     /// then, for what has not arrived yet, the kernel receives into `buf`
     /// itself (no copy through the loop's buffers on io_uring or epoll).
-    /// `on_data` is not called until `done` has run; the bytes after the
-    /// buffer's go to `on_data` as usual. `done` runs exactly once, on the
+    /// `on_data` is not called until `done` has run (right after this
+    /// `on_data` returns, when the bytes are there already); the bytes after
+    /// the buffer's go to `on_data` as usual. `done` runs exactly once, on the
     /// loop thread (see `RecvDone`), and may call `recv_into` again.
     /// Callable only from this connection's `on_data` or from a `done` of
-    /// its own, once per call. Errors (and `done` does not run): `EINVAL`
-    /// (null `buf`, `len` 0, called from anywhere else), `EBUSY` (a second
-    /// one in the same callback), `ENOTCONN` (closing or closed).
+    /// its own, once per call; after `shutdown_write` too (receiving goes
+    /// on). Errors (and `done` does not run): `EINVAL` (null `buf`, `len` 0,
+    /// called from anywhere else), `EBUSY` (a second one in the same
+    /// callback), `ENOTCONN` (close or abort asked for, or closed).
     ///
     /// # Safety
     /// `buf` must be valid for `len` bytes of writes, and not read or
@@ -310,7 +314,8 @@ impl Connection {
         if buf.is_null() || len == 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        if !self.accepts_sends() || self.close_request() as u8 >= CloseRequest::Graceful as u8 {
+        // After shutdown_write receiving goes on: only a close refuses.
+        if self.is_closed() || self.close_request() as u8 >= CloseRequest::Graceful as u8 {
             return Err(not_connected());
         }
         DELIVERY.with(|d| match d.borrow_mut().as_mut() {
@@ -668,8 +673,23 @@ impl ConnState {
                 continue;
             }
             let handle = &self.handle;
-            let (used, request) =
-                with_delivery(handle, || guarded(data.len(), || handler.on_data(handle, data)).min(data.len()));
+            let (outcome, request) = with_delivery(handle, || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.on_data(handle, data)))
+            });
+            let used = match outcome {
+                Ok(used) => used.min(data.len()),
+                Err(_) => {
+                    // A Rust handler's bug: contained as `guarded` does; the
+                    // bytes count as consumed, and a buffer it gave is not
+                    // filled with bytes meant for later (its done is told).
+                    eprintln!("ioengine: a server callback panicked; the panic was contained");
+                    if let Some(request) = request {
+                        self.into = Some(request);
+                        self.abandon_into(libc::ECANCELED);
+                    }
+                    return 0;
+                }
+            };
             data = &data[used..];
             match request {
                 Some(request) => self.into = Some(request),
@@ -716,7 +736,8 @@ impl ConnState {
     /// now done (our write side was shut already), so the loop closes.
     pub(crate) fn peer_finished(&mut self, handler: &dyn ServerHandler) -> bool {
         self.eof = true;
-        self.abandon_into(libc::ECONNRESET);
+        // Closed by the application while it waited: cancelled, not cut short.
+        self.abandon_into(if self.silent() { libc::ECANCELED } else { libc::ECONNRESET });
         if !self.silent() {
             guarded((), || handler.on_eof(&self.handle));
         }
@@ -926,9 +947,22 @@ mod tests {
 
     impl ServerHandler for IntoHandler {
         fn on_data(&self, conn: &Connection, data: &[u8]) -> usize {
-            let plain = data.iter().take_while(|&&b| b != b'L').count();
+            let plain = data.iter().take_while(|&&b| b != b'L' && b != b'P').count();
             self.plain.lock().extend_from_slice(&data[..plain]);
             let data = &data[plain..];
+            if data.first() == Some(&b'P') {
+                // A handler bug after giving a buffer.
+                let outcomes = self.outcomes.clone();
+                let done: RecvDone = Box::new(move |_, outcome| {
+                    outcomes.lock().push(outcome.map_err(|e| e.raw_os_error().unwrap_or(0)))
+                });
+                let mut buf = self.buf.lock();
+                *buf = vec![0; 4];
+                // SAFETY: the buffer lives in the handler; it is never filled.
+                unsafe { conn.recv_into(buf.as_mut_ptr(), 4, done) }.expect("asked from on_data");
+                drop(buf);
+                panic!("a handler bug (expected by the test)");
+            }
             if data.len() < 2 {
                 return plain;
             }
@@ -987,5 +1021,13 @@ mod tests {
         state.abandon_into(libc::ECONNRESET);
         assert_eq!(&handler.outcomes.lock()[..], &[Ok(5), Err(libc::ECONNRESET)]);
         assert!(state.input.is_empty());
+
+        // on_data panics after giving a buffer: its done is told, and the
+        // next bytes go to on_data, not into the buffer.
+        state.deliver(&handler, b"P");
+        assert_eq!(&handler.outcomes.lock()[..], &[Ok(5), Err(libc::ECONNRESET), Err(libc::ECANCELED)]);
+        assert!(state.receiving_into().is_none());
+        state.deliver(&handler, b"ok");
+        assert_eq!(&handler.plain.lock()[..], b"xyzok");
     }
 }

@@ -205,6 +205,9 @@ struct UringConn {
     /// Where a send of several segments keeps its iovecs (made on first use).
     gather: Option<Box<send::Gather>>,
     cancel_sent: bool,
+    /// Its close cancelled by descriptor (IORING_ASYNC_CANCEL_FD): an
+    /// -EINVAL answer means the kernel lacks it, for this connection too.
+    cancel_by_fd_sent: bool,
     /// In the loop's set of half-closed sockets (`EofWatch`).
     eof_watched: bool,
 }
@@ -289,8 +292,11 @@ pub(crate) fn build_ring(opts: &NetOptions, max_conns: usize) -> io::Result<(IoU
 }
 
 /// Completion entries a loop needs so that its CQ cannot overflow: per
-/// connection at most a receive's final completion, a send and a cancel
-/// (or two, one per operation, on kernels without cancel by descriptor);
+/// connection at most a receive's final completion (multishot, or into the
+/// application's buffer: never both), a send, the cancel that makes way for
+/// a receive into a buffer, and the close's cancel (or two, one per
+/// operation, on kernels without cancel by descriptor, which have no
+/// multishot receive to make way from): four;
 /// receive completions carrying data at most one per provided buffer (a
 /// buffer comes back only once its completion was reaped); the accepts a
 /// full backlog can produce; and a few loop operations.
@@ -615,6 +621,7 @@ impl UringLoop {
                 send_busy: false,
                 gather: None,
                 cancel_sent: false,
+                cancel_by_fd_sent: false,
                 eof_watched: false,
             },
         );
@@ -974,6 +981,7 @@ impl UringLoop {
             let (fd, generation) = (c.state.fd, c.state.handle.0.generation);
             if cancel_by_fd {
                 c.ops += 1;
+                c.cancel_by_fd_sent = true;
                 let entry = cancel::prepare_by_fd(fd, slot, generation);
                 self.push(&entry);
             } else {
@@ -1009,12 +1017,14 @@ impl UringLoop {
             self.loop_ops -= 1;
             return;
         }
-        let cancel_by_fd = self.cancel_by_fd;
         let Some(c) = self.conn(tag.slot, tag.generation) else { return };
         c.ops -= 1;
-        // (A cancel that made way for a receive into a buffer is by tag.)
-        if result == -libc::EINVAL && cancel_by_fd && c.state.closing {
+        // Decided by what this connection sent, not by the loop's flag: a
+        // second connection's by-descriptor cancel may answer after the
+        // first turned the flag off. (Cancels by tag never answer EINVAL.)
+        if result == -libc::EINVAL && c.cancel_by_fd_sent {
             // A kernel without IORING_ASYNC_CANCEL_FD: cancel each operation.
+            c.cancel_by_fd_sent = false;
             self.cancel_by_fd = false;
             self.cancel_each(tag.slot);
         }
