@@ -27,17 +27,30 @@ for arg in "$@"; do
   esac
 done
 
-out=build/fuzz
+if [ "$seconds" = 0 ]; then
+  echo "fuzz.sh: SKIP: 0 seconds asked for (libFuzzer would take 0 as no limit)"
+  exit 0
+fi
+
+out=${IOENGINE_BUILD_DIR:-build}/fuzz
 mkdir -p "$out"
 src=tools/ioe-nbd
 flags=(-g -O1 -Wall -Wextra -Werror -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -I "$src" -I include)
-if ! command -v clang >/dev/null ||
-   ! clang "${flags[@]}" "$src/fuzz/fuzz_session.c" "$src/session.c" -o "$out/fuzz_session" 2>"$out/build.log" ||
-   ! clang "${flags[@]}" "$src/fuzz/fuzz_options.c" "$src/options.c" -o "$out/fuzz_options" 2>>"$out/build.log"; then
+# No clang or no libFuzzer runtime: skipped. A target that does not build: a failure.
+probe="$out/probe.c"
+printf '#include <stddef.h>\n#include <stdint.h>\nint LLVMFuzzerTestOneInput(const uint8_t *d, size_t n) { (void)d; (void)n; return 0; }\n' >"$probe"
+if ! command -v clang >/dev/null || ! clang -fsanitize=fuzzer "$probe" -o "$out/probe" 2>"$out/build.log"; then
   echo "fuzz.sh: SKIP: no clang with libFuzzer here (see $out/build.log); the corpora are still replayed by ctest"
   exit 0
 fi
+for target in session options; do
+  if ! clang "${flags[@]}" "$src/fuzz/fuzz_$target.c" "$src/$target.c" -o "$out/fuzz_$target" 2>"$out/build.log"; then
+    cat "$out/build.log"
+    echo "fuzz.sh: FAILED: fuzz_$target does not build"
+    exit 1
+  fi
+done
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
@@ -48,7 +61,7 @@ for spec in "session 80000" "options 512 -close_fd_mask=2"; do
   target=$1 max_len=$2
   shift 2
   corpus=$src/fuzz/corpus/$target
-  mkdir -p "$scratch/$target"
+  mkdir -p "$scratch/$target" "$corpus"
   before=$(ls "$corpus" | wc -l)
   echo "fuzz.sh: $target for ${seconds}s from $before kept inputs"
   if ! "$out/fuzz_$target" -max_total_time="$seconds" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \

@@ -78,6 +78,22 @@ cargo test --all-targets
 echo "== cargo test (release)"
 cargo test --release --all-targets
 
+# Sysctls the C suite changes for a moment (c_faults: fs.aio-max-nr; below:
+# kernel.io_uring_disabled) are put back on any exit, even a cut-short run.
+aio_max_file=/proc/sys/fs/aio-max-nr
+aio_max_saved=$(cat "$aio_max_file" 2>/dev/null || true)
+sysctl_file=/proc/sys/kernel/io_uring_disabled
+saved=$(cat "$sysctl_file" 2>/dev/null || true)
+restore_sysctls() {
+  if [ -n "$aio_max_saved" ] && [ "$(cat "$aio_max_file")" != "$aio_max_saved" ]; then
+    echo "$aio_max_saved" > "$aio_max_file" 2>/dev/null || true
+  fi
+  if [ -n "$saved" ] && [ "$(cat "$sysctl_file")" != "$saved" ]; then
+    echo "$saved" > "$sysctl_file" 2>/dev/null || true
+  fi
+}
+trap restore_sysctls EXIT
+
 echo "== ctest (C API, header, symbols, install, examples)"
 build_dir=${IOENGINE_BUILD_DIR:-build}
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -89,19 +105,15 @@ cmake --build "$build_dir" -j "$(nproc)"
 # pass or report its io_uring part skipped. Set and restored here; skipped
 # with a message where the sysctl cannot be changed.
 echo "== ctest with kernel.io_uring_disabled=2 (auto falls back to AIO)"
-sysctl_file=/proc/sys/kernel/io_uring_disabled
-saved=$(cat "$sysctl_file" 2>/dev/null || true)
 if [ -n "$saved" ] && { echo 2 > "$sysctl_file"; } 2>/dev/null && [ "$(cat "$sysctl_file")" = 2 ]; then
-  trap 'echo "$saved" > "$sysctl_file"' EXIT
   (cd "$build_dir" && ctest --output-on-failure -j "$(nproc)" -E '^c_install_consumers$')
   echo "$saved" > "$sysctl_file"
-  trap - EXIT
 else
   echo "SKIP: cannot set kernel.io_uring_disabled here (not root, no such sysctl, or /proc/sys read-only)"
 fi
 
 # Coverage-guided fuzzing of ioe-nbd's handshake, option and request
-# parsing, bounded; a crash fails the run (and its input is kept in
-# build/fuzz/ to be added to the corpus as a regression).
-echo "== fuzzing ioe-nbd's protocol state machine (${IOENGINE_FUZZ_SECONDS:-120} s)"
+# parsing and of its command line, bounded; a crash fails the run (and its
+# input is kept in build/fuzz/ to be added to the corpus as a regression).
+echo "== fuzzing ioe-nbd's protocol state machine and command line (${IOENGINE_FUZZ_SECONDS:-120} s each)"
 bash scripts/fuzz.sh "${IOENGINE_FUZZ_SECONDS:-120}"

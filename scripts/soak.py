@@ -100,6 +100,18 @@ def main():
     conns = test_model.CONNS
     models = [bytearray(whole[i * test_model.REGION:(i + 1) * test_model.REGION]) for i in range(conns)]
     srv = Server(nbd, path)
+    try:
+        return soak(args, srv, path, models, bench, tmpdir, seed)
+    finally:
+        if srv.alive():
+            srv.proc.kill()
+            srv.proc.wait()
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def soak(args, srv, path, models, bench, tmpdir, seed):
+    conns = test_model.CONNS
     load = Load()
     totals = test_model.Totals()
     threads = [threading.Thread(target=nbd_worker, args=(load, srv.port, i, models[i], totals, seed + 1000 * i))
