@@ -278,8 +278,8 @@ def main():
     path = temp_image(size)
     srv = Server(binary, path, "-x", "disk0", "--loops=2", *extra)
     try:
-        # A few sessions first: each loop creates a descriptor the first time
-        # a peer ends its side (to watch for resets afterwards) and keeps it.
+        # A few sessions first, so that every loop has run once (the
+        # baseline then holds only what the server keeps for good).
         for _ in range(4):
             warm = Client(srv.port)
             warm.go(b"disk0")
