@@ -158,7 +158,8 @@ def soak(args, srv, path, models, bench, tmpdir, seed):
               f"descriptors besides connections {first[1]} -> {last[1]}")
         if abs(growth) > 0.10:
             load.error(f"RSS moved {growth:+.1%} between minute 1 and the end")
-        if last[1] != first[1]:
+        # Not more: a loop's half-close watch set may come and go.
+        if last[1] > first[1]:
             load.error(f"descriptors {first[1]} at minute 1, {last[1]} at the end")
     print(f"soak: {totals.requests} NBD requests, {totals.bytes_checked >> 20} MiB checked, "
           f"{load.connections} connections, {load.bench_runs} ioe-bench runs (verified), "

@@ -221,7 +221,9 @@ def main():
         images(srv, path)
         concurrent(srv, path)
         killed_client(srv, path)
-        wait_until(lambda: srv.fds() == baseline, f"descriptors back to {baseline}")
+        # At most the baseline: it may have caught a loop's half-close watch
+        # set that the loop closes a moment later.
+        wait_until(lambda: srv.fds() <= baseline, f"descriptors back to {baseline}")
         assert srv.alive()
     finally:
         rc, log = srv.stop()

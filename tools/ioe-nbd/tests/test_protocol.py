@@ -291,7 +291,9 @@ def main():
         transmission(srv, path, size, structured=False)
         garbage(srv)
         budget(srv, path)
-        wait_until(lambda: srv.fds() == baseline, f"descriptors back to {baseline} (now {srv.fds()})")
+        # At most the baseline: it may have caught a loop's half-close watch
+        # set (an epoll descriptor) that the loop closes a moment later.
+        wait_until(lambda: srv.fds() <= baseline, f"descriptors back to {baseline} (now {srv.fds()})")
         assert srv.alive()
     finally:
         rc, log = srv.stop()
