@@ -126,8 +126,19 @@ where
 {
     let mut taken = 0;
     while taken < limit {
-        let Some(event) = queue.pop() else { break };
-        count.fetch_sub(1, Ordering::SeqCst);
+        // Claim an event through the count before popping it. Producers push
+        // before they count, so a claimed event is always in the queue, and
+        // an event pushed but not yet counted is left for the next round: the
+        // count never goes below zero, which readers summing the counts
+        // (`ready_count`) rely on.
+        if count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_err() {
+            break;
+        }
+        let Some(event) = queue.pop() else {
+            // Cannot happen by the rule above; give the claim back.
+            count.fetch_add(1, Ordering::SeqCst);
+            break;
+        };
         ctx.total_count.fetch_sub(1, Ordering::SeqCst);
         slots.push(event);
         taken += 1;
@@ -367,5 +378,29 @@ mod tests {
         let ctx = shared();
         queue(&ctx, IOChannel::Write, 10, 0);
         assert_eq!(poll(&ctx, 10).len(), 10);
+    }
+
+    #[test]
+    fn an_event_pushed_but_not_yet_counted_is_left_for_the_next_round() {
+        // push_to_queue pushes, then counts. A scheduler running between the
+        // two steps must not take (and uncount) the event, or the count
+        // wraps below zero and readers such as the poller's depth estimate
+        // see a huge number (an overflow panic in debug builds). The two
+        // steps are replayed here by hand, with a round in between.
+        let ctx = shared();
+        assert!(ctx.reserve_queued(false));
+        let mut ev = IOEvent::new(0, Buffer::aligned(512).unwrap(), IOAction::Read, 0);
+        ev.user_tag = 7;
+        ctx.read_queue.push(ev);
+        // Two rounds, so that reads come first in one and second in the other.
+        for round in 0..2 {
+            assert!(poll(&ctx, 4).is_empty(), "round {round}: an uncounted event was taken");
+            assert_eq!(ctx.read_count.load(Ordering::SeqCst), 0, "round {round}");
+        }
+        assert_eq!(ctx.ready_count(), 0);
+        ctx.read_count.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(tags(&ctx, 4), vec![7]);
+        assert_eq!(ctx.ready_count(), 0);
+        assert_eq!(ctx.total_count.load(Ordering::SeqCst), 0);
     }
 }

@@ -85,14 +85,17 @@ fn o_direct_with_aligned_buffers() {
     }
 }
 
-/// The file's O_DIRECT alignment rules (memory, offset) from statx.
+/// The file's O_DIRECT alignment rules (memory, offset) from statx; zeros
+/// when the file system does not report them.
 fn dio_alignment(file: &TempFile) -> (u32, u32) {
     // SAFETY: statx writes into the zeroed struct we own; the path is empty
     // and AT_EMPTY_PATH makes it describe the descriptor itself.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statx(file.fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     assert_eq!(rc, 0, "statx");
-    assert!(stx.stx_mask & libc::STATX_DIOALIGN != 0, "file system does not report O_DIRECT alignment");
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return (0, 0);
+    }
     (stx.stx_dio_mem_align, stx.stx_dio_offset_align)
 }
 
@@ -105,7 +108,17 @@ fn misaligned_o_direct_buffer_fails_with_einval_and_engine_keeps_serving() {
         std::fs::write(&file.path, vec![0x11u8; 64 * 1024]).unwrap();
         file.file.sync_all().unwrap();
         let (mem_align, offset_align) = dio_alignment(&file);
-        assert!(offset_align > 1);
+        if mem_align <= 1 || offset_align <= 1 {
+            // tmpfs, for one, takes O_DIRECT at any alignment (and does not
+            // report one): nothing to refuse.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP misaligned O_DIRECT: {} reports no alignment to break (memory {mem_align}, offset {offset_align})",
+                std::env::temp_dir().display()
+            );
+            return;
+        }
         let ctx = context(backend, 8, &IOWorkers::new(0).unwrap());
         let col = Collector::new();
 
