@@ -243,17 +243,9 @@ static void on_epoll(void) {
     printf("epoll: -EOPNOTSUPP: ok\n");
 }
 
-static void on_alarm(int sig) {
-    (void)sig;
-    static const char msg[] = "conn_submit: hung\n";
-    (void)!write(2, msg, sizeof msg - 1);
-    _exit(1);
-}
-
 int main(void) {
-    signal(SIGALRM, on_alarm);
+    hang_guard("conn_submit", 120);
     signal(SIGPIPE, SIG_IGN);
-    alarm(120);
     int ran = 0;
     if (net_backend_available(IOE_NET_BACKEND_URING)) {
         on_uring();

@@ -9,13 +9,6 @@
 #include <signal.h>
 #include <sys/un.h>
 
-static void on_alarm(int sig) {
-    (void)sig;
-    static const char msg[] = "hang guard: a case did not finish\n";
-    (void)!write(2, msg, sizeof msg - 1);
-    _exit(1);
-}
-
 /* A counting server: on_data per mode, references the first connection. */
 struct es {
     struct ioe_server *server;
@@ -439,7 +432,6 @@ static void receive_buffer_bounds(uint32_t backend) {
 
 /* With an argument, runs only the case of that name. */
 int main(int argc, char **argv) {
-    signal(SIGALRM, on_alarm);
     signal(SIGPIPE, SIG_IGN);
     static const struct {
         const char *name;
@@ -462,7 +454,7 @@ int main(int argc, char **argv) {
         const char *backend = NET_BACKENDS[b] == IOE_NET_BACKEND_URING ? "io_uring" : "epoll";
         for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
             if (argc > 1 && strcmp(argv[1], cases[i].name) != 0) continue;
-            alarm(120);
+            hang_guard(cases[i].name, 120);
             cases[i].run(NET_BACKENDS[b]);
             alarm(0);
             printf("%s, %s: ok\n", backend, cases[i].name);

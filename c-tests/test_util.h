@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -251,6 +252,26 @@ static inline int count_open_fds(void) {
     while (readdir(d) != NULL) n++;
     closedir(d);
     return n;
+}
+
+/* Hang guard: a test still running `seconds` from now prints
+ * "NAME: hung" and fails, rather than hanging ctest. A guard, never a
+ * timing check; call it again to re-arm, alarm(0) to disarm. */
+static const char *hang_guard_name = "test";
+
+static inline void hang_guard_fired(int sig) {
+    (void)sig;
+    /* Only async-signal-safe calls here. */
+    (void)!write(2, hang_guard_name, strlen(hang_guard_name));
+    static const char msg[] = ": hung\n";
+    (void)!write(2, msg, sizeof msg - 1);
+    _exit(1);
+}
+
+static inline void hang_guard(const char *name, unsigned seconds) {
+    hang_guard_name = name;
+    signal(SIGALRM, hang_guard_fired);
+    alarm(seconds);
 }
 
 #endif

@@ -10,19 +10,10 @@
 
 #include <ioengine.h>
 
+#include "fuzz.h"
 #include "../options.h"
 
 #define MAX_ARGS 32
-
-#define FUZZ_ASSERT(cond)                                                              \
-    do {                                                                               \
-        if (!(cond)) {                                                                 \
-            fprintf(stderr, "fuzz_options: %s:%d: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                   \
-        }                                                                              \
-    } while (0)
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* One copy, NUL-terminated, cut into arguments at each NUL. */

@@ -24,19 +24,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz.h"
 #include "../nbd.h"
 #include "../session.h"
 
 #define EXPORT_SIZE (1u << 20)
 #define MAX_PAYLOAD (64u << 10)
-
-#define FUZZ_ASSERT(cond)                                                              \
-    do {                                                                               \
-        if (!(cond)) {                                                                 \
-            fprintf(stderr, "fuzz_session: %s:%d: %s\n", __FILE__, __LINE__, #cond);   \
-            abort();                                                                   \
-        }                                                                              \
-    } while (0)
 
 struct harness {
     struct nbd_session *session;
@@ -253,8 +246,6 @@ static void feed(struct harness *h, uint8_t **kept, size_t *kept_len, const uint
         return;
     }
 }
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 2) return 0;
