@@ -1,9 +1,11 @@
-/* Block requests on a connection's loop (ioe_conn_submit): a server that
- * answers each command byte with a file read (or a durable write), with
- * the I/O on the loop's own io_uring and the callback on the loop thread;
- * more requests at once than a loop keeps in flight; reads past the end;
- * refusals (invalid, IOE_REQ_DRAIN, epoll servers, a stopped server);
- * every callback exactly once, every byte compared with the file. */
+/* Block requests on a connection's loop (ioe_conn_submit), on both
+ * backends (io_uring: the loop's own ring; epoll: the loop's helper
+ * threads): a server that answers each command byte with a file read (or
+ * a durable write), with the callback on the loop thread; more requests at
+ * once than a loop keeps in flight; reads past the end; refusals
+ * (invalid, IOE_REQ_DRAIN, a stopped server); a stop with requests in
+ * flight; every callback exactly once, every byte compared with the file,
+ * descriptors and threads back to their baseline. */
 #include "net_util.h"
 
 #include <fcntl.h>
@@ -17,7 +19,7 @@
 struct fs_server {
     struct ioe_server *server;
     int fd;
-    atomic_int callbacks, off_loop, errors;
+    atomic_int callbacks, off_loop, errors, stop_done, stop_refused;
     struct waiter callbacks_done, connected;
     struct ioe_conn *kept;
 };
@@ -35,8 +37,17 @@ static struct fs_server *g;
 static void on_read_done(void *ud, int64_t result) {
     struct op *o = ud;
     struct fs_server *s = o->s;
-    if (!pthread_equal(pthread_self(), o->loop_thread)) atomic_fetch_add(&s->off_loop, 1);
-    if (o->kind == 'w') {
+    if (o->kind == 's') {
+        /* The stop case: done, or refused by the stop; counted only. */
+        if (result == BLOCK && matches_pattern(o->buf, BLOCK, 5)) atomic_fetch_add(&s->stop_done, 1);
+        else if (result == -ESHUTDOWN) atomic_fetch_add(&s->stop_refused, 1);
+        else atomic_fetch_add(&s->errors, 1);
+    } else if (!pthread_equal(pthread_self(), o->loop_thread)) {
+        atomic_fetch_add(&s->off_loop, 1);
+    }
+    if (o->kind == 's') {
+        /* No reply: the connection may be gone. */
+    } else if (o->kind == 'w') {
         /* A durable write: answer with its result byte. */
         uint8_t ok = result == BLOCK ? 'k' : 'x';
         CHECK_EQ(ioe_conn_send(o->conn, &ok, 1), 0);
@@ -69,6 +80,8 @@ static int submit_op(struct ioe_conn *conn, char kind, uint32_t block) {
         fill_pattern(o->buf, BLOCK, 1000 + block);
     } else if (kind == 'e') {
         r.offset = (uint64_t)FILE_BLOCKS * BLOCK - 100; /* 100 bytes before the end */
+    } else if (kind == 's') {
+        r.offset = 5 * BLOCK;
     }
     int rc = ioe_conn_submit(conn, &r);
     if (rc < 0) {
@@ -144,14 +157,26 @@ static void read_block(int sock, uint8_t *buf, uint32_t *len) {
     if (*len) CHECK_EQ(read_exact(sock, buf, *len), 0);
 }
 
-static void on_uring(void) {
+/* Threads of this process now. */
+static int count_threads(void) {
+    DIR *d = opendir("/proc/self/task");
+    CHECK(d != NULL);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d)) != NULL;) n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+static void run(uint32_t backend) {
+    const char *name = backend == IOE_NET_BACKEND_URING ? "io_uring" : "epoll";
+    int fds = count_open_fds(), threads = count_threads();
     int fd = temp_file((off_t)FILE_BLOCKS * BLOCK, 0);
     uint8_t block[BLOCK];
     for (uint32_t b = 0; b < FILE_BLOCKS; b++) {
         fill_pattern(block, BLOCK, b);
         CHECK_EQ(pwrite(fd, block, BLOCK, (off_t)b * BLOCK), BLOCK);
     }
-    struct fs_server *s = fs_start(IOE_NET_BACKEND_URING, fd);
+    struct fs_server *s = fs_start(backend, fd);
     int sock = connect_to(ioe_server_port(s->server));
     uint8_t got[BLOCK];
     uint32_t n;
@@ -220,39 +245,39 @@ static void on_uring(void) {
     CHECK_EQ(atomic_load(&s->callbacks), total);
     CHECK_EQ(ioe_conn_unref(s->kept), 0);
     CHECK_EQ(ioe_server_destroy(s->server), 0);
-    close(fd);
     free(s);
-    printf("io_uring: reads, durable writes, end of file, %d at once, refusals: ok\n", MANY);
-}
 
-static void on_epoll(void) {
-    int fd = temp_file(BLOCK, 0);
-    struct fs_server *s = fs_start(IOE_NET_BACKEND_EPOLL, fd);
-    int sock = connect_to(ioe_server_port(s->server));
-    /* Asked here, on the kept connection (not from on_data). */
+    /* A stop with requests in flight and queued, submitted from this
+     * thread: every callback has run, exactly once, when the stop returns
+     * (done, or refused with -ESHUTDOWN if the loop had not taken it). */
+    s = fs_start(backend, fd);
+    sock = connect_to(ioe_server_port(s->server));
     waiter_wait(&s->connected, 1);
-    uint8_t buf[BLOCK];
-    struct ioe_request r = {.op = IOE_OP_READ, .fd = fd, .buf = buf, .len = BLOCK, .callback = on_read_done};
-    CHECK_EQ(ioe_conn_submit(s->kept, &r), -EOPNOTSUPP);
+    for (int i = 0; i < MANY; i++) CHECK_EQ(submit_op(s->kept, 's', 0), 0);
+    CHECK_EQ(ioe_server_stop(s->server), 0);
+    CHECK_EQ(atomic_load(&s->callbacks), MANY);
+    CHECK_EQ(atomic_load(&s->stop_done) + atomic_load(&s->stop_refused), MANY);
+    CHECK_EQ(atomic_load(&s->errors), 0);
+    int done = atomic_load(&s->stop_done), refused = atomic_load(&s->stop_refused);
     close(sock);
     CHECK_EQ(ioe_conn_unref(s->kept), 0);
     CHECK_EQ(ioe_server_destroy(s->server), 0);
-    CHECK_EQ(atomic_load(&s->callbacks), 0);
-    close(fd);
     free(s);
-    printf("epoll: -EOPNOTSUPP: ok\n");
+    close(fd);
+    /* The loops and any file helpers have ended; nothing left open. */
+    CHECK_EQ(count_threads(), threads);
+    CHECK_EQ(count_open_fds(), fds);
+    printf("%s: reads, durable writes, end of file, %d at once, refusals, stop with %d done and %d refused: ok\n",
+           name, MANY, done, refused);
 }
 
 int main(void) {
     hang_guard("conn_submit", 120);
     signal(SIGPIPE, SIG_IGN);
     int ran = 0;
-    if (net_backend_available(IOE_NET_BACKEND_URING)) {
-        on_uring();
-        ran++;
-    }
-    if (net_backend_available(IOE_NET_BACKEND_EPOLL)) {
-        on_epoll();
+    for (int i = 0; i < 2; i++) {
+        if (!net_backend_available(NET_BACKENDS[i])) continue;
+        run(NET_BACKENDS[i]);
         ran++;
     }
     return ran ? 0 : SKIP_EXIT;

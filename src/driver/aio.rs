@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 
 use crate::common::{poll_request_from_queues, SlotCollection};
 use crate::context::{ContextOptions, IoSharedContext, PollerMark};
+use crate::driver::blocking::run_blocking;
 use crate::driver::{
     flush_before, is_resource_shortage, neg_errno, spawn_engine_thread, start_engine_thread, ActionSet, Backend,
     Backoff, SlotTable, Started, SubmitLock, SENTINEL_DATA,
@@ -421,69 +422,6 @@ fn would_block(cb: &iocb, result: i64) -> bool {
     cb.aio_rw_flags & abi::RWF_NOWAIT != 0
         && cb.aio_data & CALLER_NOWAIT == 0
         && (result == -(libc::EAGAIN as i64) || result == -(libc::EOPNOTSUPP as i64))
-}
-
-/// Runs a request synchronously (helper thread): bytes, 0 or -errno. A
-/// call a signal interrupts is made again here (a bounded number of
-/// times), so the result is final: the poller does not retry it as a
-/// native AIO request.
-fn run_blocking<C: IOCallbackCustom>(event: &mut IOEvent<C>) -> i64 {
-    const MAX_EINTR: usize = 16;
-    let fd = event.fd();
-    let seekable = event.is_seekable();
-    let request = event.next_request();
-    // AIO never polls: RWF_HIPRI means nothing on this path either.
-    let flags = event.rw_flags() & !libc::RWF_HIPRI;
-    let mut result = 0;
-    for _ in 0..MAX_EINTR {
-        let ret = run_once(fd, request, seekable, flags);
-        if ret >= 0 {
-            return ret;
-        }
-        result = neg_errno(&io::Error::last_os_error());
-        if result != -(libc::EINTR as i64) {
-            break;
-        }
-    }
-    result
-}
-
-/// One system call for a request; -1 with errno on failure. Reads and
-/// writes go through `preadv2(2)` / `pwritev2(2)` with the caller's RWF_*
-/// flags (offset -1 on streams, pipes and sockets: no offset, as read(2)).
-fn run_once(fd: i32, request: IoRequest, seekable: bool, flags: i32) -> i64 {
-    let one = |buf: *const u8, len: u32| libc::iovec { iov_base: buf as *mut libc::c_void, iov_len: len as usize };
-    let at = |offset: u64| if seekable { offset as libc::off_t } else { -1 };
-    let single;
-    let (iov, count, offset, write) = match request {
-        IoRequest::Read { buf, len, offset } => {
-            single = one(buf, len);
-            (&single as *const libc::iovec, 1, offset, false)
-        }
-        IoRequest::Write { buf, len, offset } => {
-            single = one(buf, len);
-            (&single as *const libc::iovec, 1, offset, true)
-        }
-        IoRequest::Readv { iov, count, offset } => (iov, count, offset, false),
-        IoRequest::Writev { iov, count, offset } => (iov, count, offset, true),
-        // SAFETY: plain syscalls on a descriptor number (a bad one yields EBADF).
-        IoRequest::Fallocate { mode, offset, len } => unsafe {
-            return libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) as i64;
-        },
-        // SAFETY: as above.
-        IoRequest::Fsync => return unsafe { libc::fsync(fd) } as i64,
-        // SAFETY: as above.
-        IoRequest::Fdatasync => return unsafe { libc::fdatasync(fd) } as i64,
-    };
-    // SAFETY: the iovecs point into the event's buffers (or `single`, alive
-    // here), which the calling helper owns until it hands the result back.
-    unsafe {
-        if write {
-            libc::pwritev2(fd, iov, count as i32, at(offset), flags) as i64
-        } else {
-            libc::preadv2(fd, iov, count as i32, at(offset), flags) as i64
-        }
-    }
 }
 
 /// What the driver keeps per context: slots (with their iocbs), the free

@@ -3,6 +3,7 @@
 //! context starts; the worker loops are monomorphic per driver.
 
 pub mod aio;
+pub(crate) mod blocking;
 pub mod uring;
 
 use std::cell::UnsafeCell;

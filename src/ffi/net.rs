@@ -534,18 +534,29 @@ pub extern "C" fn ioe_conn_unref(conn: *mut ioe_conn) -> c_int {
 /// Runs a block request (as ioe_submit takes it: read, write, readv,
 /// writev, fsync, fdatasync, fallocate; `rw_flags` honoured, `channel`
 /// ignored) on the connection's event loop instead of a block-engine
-/// context: it goes to the kernel with the loop's next batch, on the loop's
-/// own io_uring, and its callback runs on the loop thread, where it may
-/// send (without a wake-up) and submit again. Called from one of the
-/// connection's callbacks this costs no thread hop: a server answering
-/// from a file receives, reads and replies on one thread. Any thread may
-/// call it. The request does not depend on the connection staying open
-/// (its callback runs even after on_close). Returns 0 (the callback will
-/// run exactly once: with -ESHUTDOWN, on the stopping thread, if the
-/// server stops before the loop takes it); -EOPNOTSUPP on an epoll server
-/// (use an ioe_context there); -ESHUTDOWN once the server has stopped;
-/// -EINVAL (NULL conn or req, and what ioe_submit refuses, and
-/// IOE_REQ_DRAIN, which only contexts order). No callback on an error.
+/// context. Its callback runs on the loop thread, where it may send
+/// (without a wake-up) and submit again. Any thread may call it.
+///
+/// On an io_uring server the request goes to the kernel with the loop's
+/// next batch, on the loop's own ring: called from one of the connection's
+/// callbacks this costs no thread hop, so a server answering from a file
+/// receives, reads and replies on one thread. At most 256 per loop are in
+/// flight; more wait their turn.
+///
+/// On an epoll server (no ring) up to 4 helper threads per loop, started
+/// on first need, run requests with blocking calls (preadv2, pwritev2,
+/// fsync, fallocate) and hand them back to the loop for their callbacks;
+/// if not even one helper can be started, the callback runs with -EAGAIN.
+///
+/// The request does not depend on the connection staying open (its
+/// callback runs even after on_close). A server stop waits for the
+/// requests in flight, so a read that never ends (an empty pipe) holds it.
+///
+/// Returns 0 (the callback will run exactly once: with -ESHUTDOWN, on the
+/// stopping thread, if the server stops before the loop takes it);
+/// -ESHUTDOWN once the server has stopped; -EINVAL (NULL conn or req, and
+/// what ioe_submit refuses, and IOE_REQ_DRAIN, which only contexts order).
+/// No callback on an error.
 #[no_mangle]
 pub extern "C" fn ioe_conn_submit(conn: *mut ioe_conn, req: *const super::submit::ioe_request) -> c_int {
     guard(|| {

@@ -393,22 +393,22 @@ impl Connection {
     }
 
     /// Runs a block request (read, write, vectored, fsync, fdatasync,
-    /// fallocate) on this connection's loop: submitted with the loop's next
-    /// batch on its own ring, its callback run on the loop thread. From the
-    /// loop thread (inside a callback) this costs no thread hop at all. The
+    /// fallocate) on this connection's loop, its callback run on the loop
+    /// thread. An io_uring loop submits it with its next batch on its own
+    /// ring: from the loop thread (inside a callback) this costs no thread
+    /// hop at all. An epoll loop has one of its helper threads (at most
+    /// `MAX_HELPERS`) run it with blocking calls and then runs the callback;
+    /// if no helper can be started, the callback runs with `EAGAIN`. The
     /// request does not depend on the connection staying open. Refused
-    /// (handed back) with `EINVAL` (invalid), `EOPNOTSUPP` (an epoll loop)
-    /// or `ESHUTDOWN` (the server stopped); if the server stops before the
-    /// loop takes it, its callback runs with `ESHUTDOWN` on the stopping
-    /// thread.
+    /// (handed back) with `EINVAL` (invalid) or `ESHUTDOWN` (the server
+    /// stopped); if the server stops before the loop takes it, its
+    /// callback runs with `ESHUTDOWN` on the stopping thread.
     pub fn submit_file<C: crate::tasks::IOCallbackCustom>(
         &self,
         event: Box<crate::tasks::IOEvent<C>>,
     ) -> Result<(), (io::Error, Box<crate::tasks::IOEvent<C>>)> {
         let owner = &self.0.owner;
-        let refused = if !owner.runs_files.load(Ordering::SeqCst) {
-            Some(libc::EOPNOTSUPP)
-        } else if let Err(errno) = event.validate() {
+        let refused = if let Err(errno) = event.validate() {
             Some(errno)
         } else if owner.has_exited() {
             Some(libc::ESHUTDOWN)

@@ -5,7 +5,8 @@
 //! out its ring buffers); sends go straight out while the socket takes
 //! them and wait for EPOLLOUT when it does not. The task queue, the
 //! connection table, the output queue and the callbacks are the io_uring
-//! loop's.
+//! loop's. Block requests (`Connection::submit_file`) go to helper
+//! threads, which post them back for their callbacks.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -20,6 +21,7 @@ use crate::net::connection::{
 use crate::net::event_loop::{LoopShared, Task};
 use crate::net::linger::{self, LingerQueue};
 use crate::net::loop_pool::{Admission, LoopPool};
+use crate::net::op::file::FileHelpers;
 use crate::net::op::send::MAX_SEGMENTS;
 use crate::net::op::{accept, OpKind, OpTag};
 use crate::net::{socket, NetOptions};
@@ -60,6 +62,8 @@ pub(crate) struct EpollLoop {
     read_buf: Box<[u8]>,
     /// Lingering closes, oldest first (epoll_wait's timeout covers the oldest).
     lingering: LingerQueue,
+    /// Block requests (`Connection::submit_file`), run by helper threads.
+    files: FileHelpers,
     stopping: bool,
 }
 
@@ -91,6 +95,7 @@ impl EpollLoop {
             read_buf: vec![0u8; READ_BUFFER].into_boxed_slice(),
             lingering: LingerQueue::new(opts.linger),
             opts,
+            files: FileHelpers::default(),
             stopping: false,
         };
         event_loop.control(
@@ -117,7 +122,7 @@ impl EpollLoop {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
         loop {
             self.drain_tasks();
-            if self.stopping && self.conns.live() == 0 {
+            if self.stopping && self.conns.live() == 0 && self.files.idle() {
                 break;
             }
             let timeout = self.wait_timeout();
@@ -168,9 +173,10 @@ impl EpollLoop {
                     }
                 }
                 Task::Stop => self.stop(),
-                // Never posted here (`Connection::submit_file` refuses on
-                // epoll loops); answered rather than lost all the same.
-                Task::File(op) => crate::net::op::file::refuse(op, libc::EOPNOTSUPP),
+                Task::File(op) => self.files.start(op, &self.shared),
+                // On the loop thread: the callback may send on its
+                // connections (no wake-up) and submit more file operations.
+                Task::FileDone(op) => self.files.done(op).finish(),
             }
         }
     }

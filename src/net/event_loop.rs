@@ -39,8 +39,10 @@ pub(crate) enum Task {
     Kick(Connection),
     /// Close every connection and end the loop.
     Stop,
-    /// A block request to run on the loop's ring (io_uring loops only).
+    /// A block request to run (on the ring, or by the epoll loop's helpers).
     File(crate::net::op::file::FileOp),
+    /// A block request an epoll loop's helper has run: its callback is due.
+    FileDone(crate::net::op::file::FileOp),
 }
 
 /// Counters of one loop, readable from any thread.
@@ -72,8 +74,6 @@ pub(crate) struct LoopShared {
     /// The loop has ended: tasks posted from now on are dropped (a task may
     /// hold a connection, which holds this: keeping it would be a cycle).
     exited: AtomicBool,
-    /// The loop runs block requests on its ring (an io_uring loop).
-    pub(crate) runs_files: AtomicBool,
     pub(crate) counters: LoopCounters,
 }
 
@@ -92,7 +92,6 @@ impl LoopShared {
             wake: parking_lot::RwLock::new(Some(wake)),
             notified: AtomicBool::new(false),
             exited: AtomicBool::new(false),
-            runs_files: AtomicBool::new(false),
             counters: LoopCounters::default(),
         }))
     }
@@ -153,9 +152,13 @@ impl LoopShared {
 
     fn drop_tasks(&self) {
         while let Some(task) = self.tasks.pop() {
-            // A block request's callback still runs, once, with the news.
-            if let Task::File(op) = task {
-                crate::net::op::file::refuse(op, libc::ESHUTDOWN);
+            match task {
+                // A block request's callback still runs, once, with the news.
+                Task::File(op) => crate::net::op::file::refuse(op, libc::ESHUTDOWN),
+                // Never left behind (an epoll loop ends only when its helpers
+                // have given everything back); answered rather than lost.
+                Task::FileDone(op) => op.finish(),
+                _ => {}
             }
         }
     }
@@ -317,7 +320,6 @@ impl UringLoop {
         // a time per connection.
         let bufs = BufRing::register(&ring, opts.recv_buffers, opts.recv_buffer_size).ok();
         let recv_mode = if bufs.is_some() { RecvMode::Multishot } else { RecvMode::Single };
-        shared.runs_files.store(true, Ordering::SeqCst);
         UringLoop {
             ring,
             bufs,
@@ -514,6 +516,8 @@ impl UringLoop {
                         self.push(&entry);
                     }
                 }
+                // Only epoll loops' helpers post these.
+                Task::FileDone(op) => op.finish(),
             }
         }
     }

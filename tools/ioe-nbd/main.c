@@ -737,10 +737,8 @@ int main(int argc, char **argv) {
         return 1;
     }
     bool net_uring = ioe_server_backend(srv->net) == IOE_NET_BACKEND_URING;
-    if (o->disk_io == DISK_IO_LOOP && !net_uring) {
-        fprintf(stderr, "ioe-nbd: --disk-io=loop needs the network on io_uring (it runs on epoll here)\n");
-        return 1;
-    }
+    /* auto: the loops where they have a ring; on epoll the engine (AIO, or
+     * its helpers), whose batching the loops' helper threads lack. */
     srv->loop_io = o->disk_io == DISK_IO_LOOP || (o->disk_io == DISK_IO_AUTO && net_uring);
     rc = ioe_server_start(srv->net);
     if (rc < 0) {
@@ -753,7 +751,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "ioe-nbd: serving %s (%" PRIu64 " bytes%s%s) as '%s' on %s (disk: %s, network: %s)\n",
             o->file, srv->exp.size, o->read_only ? ", read-only" : "", o->direct ? ", O_DIRECT" : "",
             o->export_name, where,
-            srv->loop_io ? "the loops' io_uring" : ioe_backend_name((uint32_t)ioe_context_backend(srv->ctx)),
+            srv->loop_io ? (net_uring ? "the loops' io_uring" : "the loops' helper threads")
+                         : ioe_backend_name((uint32_t)ioe_context_backend(srv->ctx)),
             ioe_server_backend(srv->net) == IOE_NET_BACKEND_URING ? "io_uring" : "epoll");
     fflush(stderr);
 

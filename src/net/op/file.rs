@@ -1,20 +1,30 @@
-//! Block requests on a loop's own ring (`Connection::submit_file`): file
-//! reads, writes, syncs and fallocate issued with the loop's next batch,
-//! their completions reaped with its sockets' and their callbacks run on
-//! the loop thread. A server that answers requests from a file then needs
-//! no thread hop per request (the receive, the file read and the reply all
-//! happen on one thread and one ring), as Seastar-style servers do.
+//! Block requests on a connection's loop (`Connection::submit_file`):
+//! file reads, writes, syncs and fallocate whose callbacks run on the loop
+//! thread.
 //!
-//! Operations in flight per loop are bounded (`MAX_IN_FLIGHT`, part of the
-//! CQ sizing, so the CQ cannot overflow); more wait in a queue. Each has a
-//! slot with a generation, encoded in its `user_data` like a connection's
-//! operations.
+//! - io_uring loops (`FileOps`) issue them on their own ring with the next
+//!   batch and reap them with their sockets' completions. A server that
+//!   answers requests from a file then needs no thread hop per request
+//!   (the receive, the file read and the reply all happen on one thread
+//!   and one ring), as Seastar-style servers do. Operations in flight per
+//!   loop are bounded (`MAX_IN_FLIGHT`, part of the CQ sizing, so the CQ
+//!   cannot overflow); more wait in a queue. Each has a slot with a
+//!   generation, encoded in its `user_data` like a connection's operations.
+//! - epoll loops (`FileHelpers`) have no ring: helper threads run the
+//!   requests with blocking calls and post them back to the loop, which
+//!   runs the callbacks.
 
 use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
+use crossbeam::channel::{Receiver, Sender};
 use io_uring::squeue::Entry;
 
 use crate::net::connection::ConnTable;
+use crate::net::event_loop::{LoopShared, Task};
 use crate::net::op::{OpKind, OpTag};
 use crate::tasks::{IOCallbackCustom, IOEvent, Progress};
 
@@ -29,6 +39,9 @@ pub(crate) trait LoopFileOp: Send {
     fn apply(&mut self, result: i64) -> Progress;
     /// Completes without I/O with `-errno` (the server stopped first).
     fn fail(&mut self, errno: i32);
+    /// Runs the request to completion with blocking system calls (a
+    /// helper thread of an epoll loop).
+    fn run_blocking(&mut self);
     /// Runs the callback (for a merged event, each original's).
     fn finish(self: Box<Self>);
 }
@@ -44,6 +57,10 @@ impl<C: IOCallbackCustom> LoopFileOp for IOEvent<C> {
 
     fn fail(&mut self, errno: i32) {
         IOEvent::fail(self, errno);
+    }
+
+    fn run_blocking(&mut self) {
+        crate::driver::blocking::run_to_completion(self);
     }
 
     fn finish(self: Box<Self>) {
@@ -106,5 +123,85 @@ impl FileOps {
             }
         }
         done
+    }
+}
+
+/// Helper threads one epoll loop starts at most: each runs one request at
+/// a time, so this bounds the loop's file requests in flight.
+pub(crate) const MAX_HELPERS: usize = 4;
+
+/// An epoll loop's file operations: helper threads, started as requests
+/// need them, run each with blocking calls and post it back to the loop
+/// (`Task::FileDone`), which runs its callback.
+pub(crate) struct FileHelpers {
+    /// Taken at drop: the helpers see the channel close and return.
+    jobs: Option<Sender<FileOp>>,
+    queue: Receiver<FileOp>,
+    helpers: Vec<JoinHandle<()>>,
+    /// Helpers waiting for a job.
+    idle: Arc<AtomicUsize>,
+    /// Given to helpers and not yet posted back.
+    in_flight: usize,
+}
+
+impl Default for FileHelpers {
+    fn default() -> Self {
+        let (jobs, queue) = crossbeam::channel::unbounded();
+        FileHelpers { jobs: Some(jobs), queue, helpers: Vec::new(), idle: Arc::new(AtomicUsize::new(0)), in_flight: 0 }
+    }
+}
+
+impl FileHelpers {
+    /// Whether none is in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.in_flight == 0
+    }
+
+    /// Hands an operation to the helpers, starting one if none is idle and
+    /// fewer than `MAX_HELPERS` run. If not even one can be started, the
+    /// callback runs now with -EAGAIN.
+    pub(crate) fn start(&mut self, op: FileOp, shared: &Arc<LoopShared>) {
+        if self.idle.load(Ordering::SeqCst) == 0 && self.helpers.len() < MAX_HELPERS {
+            match self.spawn(shared) {
+                Ok(handle) => self.helpers.push(handle),
+                Err(_) if self.helpers.is_empty() => return refuse(op, libc::EAGAIN),
+                // The running helpers take it in turn.
+                Err(_) => {}
+            }
+        }
+        self.in_flight += 1;
+        // Cannot fail: `self.queue` keeps the channel open until drop.
+        if let Some(jobs) = self.jobs.as_ref() {
+            let _ = jobs.send(op);
+        }
+    }
+
+    fn spawn(&self, shared: &Arc<LoopShared>) -> io::Result<JoinHandle<()>> {
+        let (queue, idle, shared) = (self.queue.clone(), self.idle.clone(), shared.clone());
+        crate::driver::spawn_engine_thread("ioe-net-file", move || loop {
+            idle.fetch_add(1, Ordering::SeqCst);
+            let job = queue.recv();
+            idle.fetch_sub(1, Ordering::SeqCst);
+            let Ok(mut op) = job else { return };
+            op.run_blocking();
+            shared.post(Task::FileDone(op));
+        })
+    }
+
+    /// An operation a helper posted back: its callback is due.
+    pub(crate) fn done(&mut self, op: FileOp) -> FileOp {
+        self.in_flight -= 1;
+        op
+    }
+}
+
+impl Drop for FileHelpers {
+    /// The loop has ended, with nothing in flight: with the only sender
+    /// gone, each helper's wait ends and it returns.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        for handle in self.helpers.drain(..) {
+            let _ = handle.join();
+        }
     }
 }
