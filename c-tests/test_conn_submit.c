@@ -2,7 +2,9 @@
  * backends (io_uring: the loop's own ring; epoll: the loop's helper
  * threads): a server that answers each command byte with a file read (or
  * a durable write), with the callback on the loop thread; more requests at
- * once than a loop keeps in flight; reads past the end; refusals
+ * once than a loop keeps in flight; reads past the end; reads of an empty
+ * pipe, more than an epoll loop's file helpers, which must not hold up the
+ * file reads behind them; refusals
  * (invalid, IOE_REQ_DRAIN, a stopped server); a stop with requests in
  * flight; every callback exactly once, every byte compared with the file,
  * descriptors and threads back to their baseline. */
@@ -15,10 +17,12 @@
 #define BLOCK 4096
 #define FILE_BLOCKS 64
 #define MANY 600 /* more than a loop keeps in flight (256) */
+#define PIPE_READS 6 /* more than an epoll loop's helpers for files (4) */
 
 struct fs_server {
     struct ioe_server *server;
     int fd;
+    int pipe_fds[2];
     atomic_int callbacks, off_loop, errors, stop_done, stop_refused;
     struct waiter callbacks_done, connected;
     struct ioe_conn *kept;
@@ -47,6 +51,14 @@ static void on_read_done(void *ud, int64_t result) {
     }
     if (o->kind == 's') {
         /* No reply: the connection may be gone. */
+    } else if (o->kind == 'p') {
+        /* A byte from the pipe: answered with 'p' and the byte. */
+        if (result == 1) {
+            uint8_t reply[2] = {'p', o->buf[0]};
+            CHECK_EQ(ioe_conn_send(o->conn, reply, 2), 0);
+        } else {
+            atomic_fetch_add(&s->errors, 1);
+        }
     } else if (o->kind == 'w') {
         /* A durable write: answer with its result byte. */
         uint8_t ok = result == BLOCK ? 'k' : 'x';
@@ -82,6 +94,10 @@ static int submit_op(struct ioe_conn *conn, char kind, uint32_t block) {
         r.offset = (uint64_t)FILE_BLOCKS * BLOCK - 100; /* 100 bytes before the end */
     } else if (kind == 's') {
         r.offset = 5 * BLOCK;
+    } else if (kind == 'p') {
+        r.fd = g->pipe_fds[0];
+        r.len = 1;
+        r.offset = 0;
     }
     int rc = ioe_conn_submit(conn, &r);
     if (rc < 0) {
@@ -92,7 +108,8 @@ static int submit_op(struct ioe_conn *conn, char kind, uint32_t block) {
 }
 
 /* Each byte is a command: 'r' + block reads it, 'w' + block writes it
- * durably, 'e' reads past the end, 'M' starts MANY reads of block 0..63. */
+ * durably, 'e' reads past the end, 'M' starts MANY reads of block 0..63,
+ * 'P' starts PIPE_READS one-byte reads of the pipe. */
 static size_t fs_on_data(struct ioe_conn *conn, const void *data, size_t len, void *user_data) {
     (void)user_data;
     const uint8_t *p = data;
@@ -101,6 +118,11 @@ static size_t fs_on_data(struct ioe_conn *conn, const void *data, size_t len, vo
         char kind = (char)p[used];
         if (kind == 'M') {
             for (int i = 0; i < MANY; i++) CHECK_EQ(submit_op(conn, 'r', (uint32_t)(i % FILE_BLOCKS)), 0);
+            used++;
+            continue;
+        }
+        if (kind == 'P') {
+            for (int i = 0; i < PIPE_READS; i++) CHECK_EQ(submit_op(conn, 'p', 0), 0);
             used++;
             continue;
         }
@@ -126,6 +148,7 @@ static struct fs_server *fs_start(uint32_t backend, int fd) {
     struct fs_server *s = calloc(1, sizeof *s);
     CHECK(s != NULL);
     s->fd = fd;
+    CHECK_EQ(pipe(s->pipe_fds), 0);
     waiter_init(&s->callbacks_done);
     waiter_init(&s->connected);
     g = s;
@@ -204,6 +227,26 @@ static void run(uint32_t backend) {
     CHECK_EQ(n, 100);
     fill_pattern(block, BLOCK, FILE_BLOCKS - 1);
     CHECK(memcmp(got, block + BLOCK - 100, 100) == 0);
+    /* Reads of an empty pipe wait; a file read sent after them is answered
+     * while they wait (on epoll, with more of them than helpers for files,
+     * the old helpers all blocked on the pipe and this hung); then bytes
+     * in the pipe answer each of them. */
+    CHECK_EQ(write(sock, "P", 1), 1);
+    uint8_t after_pipe[2] = {'r', 3};
+    CHECK_EQ(write(sock, after_pipe, 2), 2);
+    read_block(sock, got, &n);
+    CHECK_EQ(n, BLOCK);
+    CHECK(matches_pattern(got, BLOCK, 3));
+    const char pipe_bytes[PIPE_READS] = "abcdef";
+    CHECK_EQ(write(s->pipe_fds[1], pipe_bytes, PIPE_READS), PIPE_READS);
+    int bytes_seen = 0;
+    for (int i = 0; i < PIPE_READS; i++) {
+        uint8_t reply[2];
+        CHECK_EQ(read_exact(sock, reply, 2), 0);
+        CHECK(reply[0] == 'p' && reply[1] >= 'a' && reply[1] < 'a' + PIPE_READS);
+        CHECK((bytes_seen & (1 << (reply[1] - 'a'))) == 0);
+        bytes_seen |= 1 << (reply[1] - 'a');
+    }
     /* More at once than a loop keeps in flight: every one answered. */
     CHECK_EQ(write(sock, "M", 1), 1);
     int seen[FILE_BLOCKS] = {0};
@@ -222,7 +265,7 @@ static void run(uint32_t backend) {
         seen[match]++;
     }
     for (int b = 0; b < FILE_BLOCKS; b++) CHECK_EQ(seen[b], (MANY / FILE_BLOCKS) + (b < MANY % FILE_BLOCKS));
-    int total = 8 + 2 + 1 + MANY;
+    int total = 8 + 2 + 1 + PIPE_READS + 1 + MANY;
     waiter_wait(&s->callbacks_done, total);
     CHECK_EQ(atomic_load(&s->callbacks), total);
     CHECK_EQ(atomic_load(&s->off_loop), 0);
@@ -245,6 +288,8 @@ static void run(uint32_t backend) {
     CHECK_EQ(atomic_load(&s->callbacks), total);
     CHECK_EQ(ioe_conn_unref(s->kept), 0);
     CHECK_EQ(ioe_server_destroy(s->server), 0);
+    close(s->pipe_fds[0]);
+    close(s->pipe_fds[1]);
     free(s);
 
     /* A stop with requests in flight and queued, submitted from this
@@ -262,12 +307,14 @@ static void run(uint32_t backend) {
     close(sock);
     CHECK_EQ(ioe_conn_unref(s->kept), 0);
     CHECK_EQ(ioe_server_destroy(s->server), 0);
+    close(s->pipe_fds[0]);
+    close(s->pipe_fds[1]);
     free(s);
     close(fd);
     /* The loops and any file helpers have ended; nothing left open. */
     CHECK_EQ(count_threads(), threads);
     CHECK_EQ(count_open_fds(), fds);
-    printf("%s: reads, durable writes, end of file, %d at once, refusals, stop with %d done and %d refused: ok\n",
+    printf("%s: reads, durable writes, end of file, pipe reads beside file reads, %d at once, refusals, stop with %d done and %d refused: ok\n",
            name, MANY, done, refused);
 }
 

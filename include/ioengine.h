@@ -872,7 +872,10 @@ int ioe_server_start(struct ioe_server *server);
  * Stops: accepting ends, every connection is closed (on_close runs with
  * ECANCELED; queued output is dropped; a connection lingering after
  * ioe_conn_close closes cleanly, error 0), the loops end and their threads
- * are joined, every descriptor is closed. Idempotent. Returns 0, -EINVAL
+ * are joined, every descriptor is closed. Block requests submitted with
+ * ioe_conn_submit complete first and their callbacks run (on the loop
+ * threads) before the loops end; a callback that submits again keeps its
+ * loop running until that request completes too. Idempotent. Returns 0, -EINVAL
  * (NULL) or -EDEADLK (called from one of the server's callbacks; nothing
  * happens).
  */
@@ -941,14 +944,18 @@ int ioe_conn_unref(struct ioe_conn *conn);
  * receives, reads and replies on one thread. At most 256 per loop are in
  * flight; more wait their turn.
  *
- * On an epoll server (no ring) up to 4 helper threads per loop, started
- * on first need, run requests with blocking calls (preadv2, pwritev2,
- * fsync, fallocate) and hand them back to the loop for their callbacks;
- * if not even one helper can be started, the callback runs with -EAGAIN.
+ * On an epoll server (no ring) helper threads of the loop, started as
+ * requests need them, run requests with blocking calls (preadv2, pwritev2,
+ * fsync, fdatasync, fallocate) and hand them back to the loop for their
+ * callbacks: up to 4 for regular files and block devices, plus one per
+ * request in flight on a pipe, socket or character device (up to 60), so
+ * that a read that waits on a stream holds up no file request. If not
+ * even one helper can be started, the callback runs with -EAGAIN.
  *
  * The request does not depend on the connection staying open (its
  * callback runs even after on_close). A server stop waits for the
- * requests in flight, so a read that never ends (an empty pipe) holds it.
+ * requests in flight, and for what their callbacks submit in turn, so a
+ * read that never ends (an empty pipe nobody writes) holds the stop.
  *
  * Returns 0 (the callback will run exactly once: with -ESHUTDOWN, on the
  * stopping thread, if the server stops before the loop takes it);

@@ -396,8 +396,9 @@ impl Connection {
     /// fallocate) on this connection's loop, its callback run on the loop
     /// thread. An io_uring loop submits it with its next batch on its own
     /// ring: from the loop thread (inside a callback) this costs no thread
-    /// hop at all. An epoll loop has one of its helper threads (at most
-    /// `MAX_HELPERS`) run it with blocking calls and then runs the callback;
+    /// hop at all. An epoll loop has one of its helper threads (see
+    /// `FileHelpers` for how many) run it with blocking calls and then runs
+    /// the callback;
     /// if no helper can be started, the callback runs with `EAGAIN`. The
     /// request does not depend on the connection staying open. Refused
     /// (handed back) with `EINVAL` (invalid) or `ESHUTDOWN` (the server

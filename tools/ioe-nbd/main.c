@@ -53,8 +53,9 @@ struct server {
     struct nbd_session_ops ops;
     struct ioe_context *ctx;
     struct ioe_server *net;
-    /* Disk requests run on each connection's loop ring (ioe_conn_submit)
-     * rather than on the block-engine context. */
+    /* Disk requests run on each connection's loop (ioe_conn_submit: its
+     * ring on io_uring, its helper threads on epoll) rather than on the
+     * block-engine context. */
     bool loop_io;
     void *zeroes;
     /* Open connections, for a graceful stop. */

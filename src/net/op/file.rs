@@ -16,7 +16,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -42,6 +41,9 @@ pub(crate) trait LoopFileOp: Send {
     /// Runs the request to completion with blocking system calls (a
     /// helper thread of an epoll loop).
     fn run_blocking(&mut self);
+    /// Whether its descriptor is a pipe, socket or character device, where
+    /// a blocking call may wait for ever (one `fstat`, then cached).
+    fn on_stream(&mut self) -> bool;
     /// Runs the callback (for a merged event, each original's).
     fn finish(self: Box<Self>);
 }
@@ -61,6 +63,10 @@ impl<C: IOCallbackCustom> LoopFileOp for IOEvent<C> {
 
     fn run_blocking(&mut self) {
         crate::driver::blocking::run_to_completion(self);
+    }
+
+    fn on_stream(&mut self) -> bool {
+        !self.is_seekable()
     }
 
     fn finish(self: Box<Self>) {
@@ -126,28 +132,35 @@ impl FileOps {
     }
 }
 
-/// Helper threads one epoll loop starts at most: each runs one request at
-/// a time, so this bounds the loop's file requests in flight.
+/// Helper threads an epoll loop starts for requests on files and block
+/// devices, which always end: each runs one request at a time.
 pub(crate) const MAX_HELPERS: usize = 4;
+
+/// Helpers started beyond `MAX_HELPERS`, one per request in flight on a
+/// stream (which may hold its helper for ever), so that requests on files
+/// never wait behind a pipe that nobody writes.
+pub(crate) const MAX_STREAM_HELPERS: usize = 60;
 
 /// An epoll loop's file operations: helper threads, started as requests
 /// need them, run each with blocking calls and post it back to the loop
-/// (`Task::FileDone`), which runs its callback.
+/// (`Task::FileDone`), which runs its callback. Only the loop thread uses
+/// this, so its counts are exact: a helper is started when more requests
+/// are in flight than helpers exist.
 pub(crate) struct FileHelpers {
     /// Taken at drop: the helpers see the channel close and return.
     jobs: Option<Sender<FileOp>>,
     queue: Receiver<FileOp>,
     helpers: Vec<JoinHandle<()>>,
-    /// Helpers waiting for a job.
-    idle: Arc<AtomicUsize>,
     /// Given to helpers and not yet posted back.
     in_flight: usize,
+    /// Of those, requests on streams.
+    on_streams: usize,
 }
 
 impl Default for FileHelpers {
     fn default() -> Self {
         let (jobs, queue) = crossbeam::channel::unbounded();
-        FileHelpers { jobs: Some(jobs), queue, helpers: Vec::new(), idle: Arc::new(AtomicUsize::new(0)), in_flight: 0 }
+        FileHelpers { jobs: Some(jobs), queue, helpers: Vec::new(), in_flight: 0, on_streams: 0 }
     }
 }
 
@@ -157,11 +170,13 @@ impl FileHelpers {
         self.in_flight == 0
     }
 
-    /// Hands an operation to the helpers, starting one if none is idle and
-    /// fewer than `MAX_HELPERS` run. If not even one can be started, the
-    /// callback runs now with -EAGAIN.
-    pub(crate) fn start(&mut self, op: FileOp, shared: &Arc<LoopShared>) {
-        if self.idle.load(Ordering::SeqCst) == 0 && self.helpers.len() < MAX_HELPERS {
+    /// Hands an operation to the helpers, starting one if every helper has
+    /// a request and the limit allows another. If not even one helper can
+    /// be started, the callback runs now with -EAGAIN.
+    pub(crate) fn start(&mut self, mut op: FileOp, shared: &Arc<LoopShared>) {
+        let stream = op.on_stream();
+        let limit = MAX_HELPERS + (self.on_streams + stream as usize).min(MAX_STREAM_HELPERS);
+        if self.in_flight >= self.helpers.len() && self.helpers.len() < limit {
             match self.spawn(shared) {
                 Ok(handle) => self.helpers.push(handle),
                 Err(_) if self.helpers.is_empty() => return refuse(op, libc::EAGAIN),
@@ -170,6 +185,7 @@ impl FileHelpers {
             }
         }
         self.in_flight += 1;
+        self.on_streams += stream as usize;
         // Cannot fail: `self.queue` keeps the channel open until drop.
         if let Some(jobs) = self.jobs.as_ref() {
             let _ = jobs.send(op);
@@ -177,29 +193,34 @@ impl FileHelpers {
     }
 
     fn spawn(&self, shared: &Arc<LoopShared>) -> io::Result<JoinHandle<()>> {
-        let (queue, idle, shared) = (self.queue.clone(), self.idle.clone(), shared.clone());
-        crate::driver::spawn_engine_thread("ioe-net-file", move || loop {
-            idle.fetch_add(1, Ordering::SeqCst);
-            let job = queue.recv();
-            idle.fetch_sub(1, Ordering::SeqCst);
-            let Ok(mut op) = job else { return };
-            op.run_blocking();
-            shared.post(Task::FileDone(op));
+        let (queue, shared) = (self.queue.clone(), shared.clone());
+        crate::driver::spawn_engine_thread("ioe-net-file", move || {
+            while let Ok(mut op) = queue.recv() {
+                op.run_blocking();
+                shared.post(Task::FileDone(op));
+            }
         })
     }
 
     /// An operation a helper posted back: its callback is due.
-    pub(crate) fn done(&mut self, op: FileOp) -> FileOp {
+    pub(crate) fn done(&mut self, mut op: FileOp) -> FileOp {
         self.in_flight -= 1;
+        self.on_streams -= op.on_stream() as usize;
         op
     }
 }
 
 impl Drop for FileHelpers {
-    /// The loop has ended, with nothing in flight: with the only sender
-    /// gone, each helper's wait ends and it returns.
+    /// Normally the loop has ended with nothing in flight: with the only
+    /// sender gone, each helper's wait ends and it returns. If the loop
+    /// ends otherwise (a panic), helpers may be inside a call that never
+    /// returns, so they are left to end on their own rather than joined.
     fn drop(&mut self) {
         drop(self.jobs.take());
+        if self.in_flight > 0 || std::thread::panicking() {
+            self.helpers.clear();
+            return;
+        }
         for handle in self.helpers.drain(..) {
             let _ = handle.join();
         }
