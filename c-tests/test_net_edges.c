@@ -18,14 +18,20 @@ struct es {
     atomic_int stop_rc; /* what ioe_server_stop returned inside on_close */
     int stop_in_close;
     int keep_on_eof; /* on_eof leaves the connection open */
-    struct ioe_conn *kept;
+    /* The first connection, referenced: set once, by whichever loop thread
+     * gets there first (with two loops, on_connect runs on both at once; a
+     * plain check-then-set leaked the loser's reference). */
+    _Atomic(struct ioe_conn *) kept;
     atomic_int close_returned; /* ioe_conn_close on `kept` has returned */
     atomic_int callbacks_after_close, data_calls;
 };
 
 static void e_on_connect(struct ioe_conn *conn, void *user_data) {
     struct es *s = user_data;
-    if (s->kept == NULL) s->kept = ioe_conn_ref(conn);
+    if (atomic_load(&s->kept) == NULL) {
+        struct ioe_conn *ref = ioe_conn_ref(conn), *none = NULL;
+        if (!atomic_compare_exchange_strong(&s->kept, &none, ref)) CHECK_EQ(ioe_conn_unref(ref), 0);
+    }
     waiter_signal(&s->connects);
 }
 
