@@ -317,10 +317,13 @@ impl<C: IOCallbackCustom> AioInner<C> {
     /// `BOUNDED_HELPERS` helpers are free of streams.
     fn helpers_short(&self) -> bool {
         let h = &self.helpers;
-        let started = h.started.load(Ordering::SeqCst);
-        h.jobs.len() > h.idle.load(Ordering::SeqCst)
-            && started - h.on_streams.load(Ordering::SeqCst).min(started) < BOUNDED_HELPERS
-            && started < h.max
+        crate::driver::blocking::helper_wanted(
+            h.started.load(Ordering::SeqCst),
+            h.jobs.len() > h.idle.load(Ordering::SeqCst),
+            h.on_streams.load(Ordering::SeqCst),
+            BOUNDED_HELPERS,
+            h.max,
+        )
     }
 
     /// Starts one more helper. If the thread cannot start, the jobs wait for

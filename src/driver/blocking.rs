@@ -7,6 +7,17 @@ use std::io;
 
 use crate::tasks::{IOCallbackCustom, IOEvent, IoRequest, Progress};
 
+/// Whether a pool of helper threads that run blocking calls should start
+/// one more: work is waiting that no free helper will take, fewer than
+/// `bounded` helpers are free of streams (work on files and block devices
+/// ends, and more threads would only contend for the same inode locks;
+/// a read or write of a pipe, socket or character device may wait for
+/// ever, so each helper it holds is replaced), and the pool is below `cap`.
+/// One policy for AIO's helpers and an epoll loop's file helpers.
+pub(crate) fn helper_wanted(started: usize, work_waits: bool, on_streams: usize, bounded: usize, cap: usize) -> bool {
+    work_waits && started - on_streams.min(started) < bounded && started < cap
+}
+
 /// Runs an event to completion with blocking calls: the rest after a short
 /// transfer too, as a driver resubmits it. The result is in the event.
 pub(crate) fn run_to_completion<C: IOCallbackCustom>(event: &mut IOEvent<C>) {
@@ -78,5 +89,25 @@ fn run_once(fd: i32, request: IoRequest, seekable: bool, flags: i32) -> i64 {
         } else {
             libc::preadv2(fd, iov, count as i32, at(offset), flags) as i64
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::helper_wanted;
+
+    #[test]
+    fn helpers_grow_only_past_those_held_by_streams() {
+        // Nothing waits: none.
+        assert!(!helper_wanted(0, false, 0, 4, 64));
+        // Work waits: up to the bound, then only for helpers streams hold.
+        assert!(helper_wanted(3, true, 0, 4, 64));
+        assert!(!helper_wanted(4, true, 0, 4, 64));
+        assert!(helper_wanted(4, true, 2, 4, 64));
+        assert!(!helper_wanted(6, true, 2, 4, 64));
+        // Streams counted before their helper exists.
+        assert!(helper_wanted(1, true, 5, 4, 64));
+        // Never past the cap.
+        assert!(!helper_wanted(64, true, 64, 4, 64));
     }
 }

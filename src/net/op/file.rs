@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 use crossbeam::channel::{Receiver, Sender};
 use io_uring::squeue::Entry;
 
+use crate::driver::blocking;
 use crate::net::connection::ConnTable;
 use crate::net::event_loop::{LoopShared, Task};
 use crate::net::op::{OpKind, OpTag};
@@ -62,7 +63,7 @@ impl<C: IOCallbackCustom> LoopFileOp for IOEvent<C> {
     }
 
     fn run_blocking(&mut self) {
-        crate::driver::blocking::run_to_completion(self);
+        blocking::run_to_completion(self);
     }
 
     fn on_stream(&mut self) -> bool {
@@ -132,20 +133,21 @@ impl FileOps {
     }
 }
 
-/// Helper threads an epoll loop starts for requests on files and block
-/// devices, which always end: each runs one request at a time.
-pub(crate) const MAX_HELPERS: usize = 4;
+/// Helpers an epoll loop keeps free of streams for requests on files and
+/// block devices, which always end: each runs one request at a time.
+const BOUNDED_HELPERS: usize = 4;
 
-/// Helpers started beyond `MAX_HELPERS`, one per request in flight on a
-/// stream (which may hold its helper for ever), so that requests on files
-/// never wait behind a pipe that nobody writes.
-pub(crate) const MAX_STREAM_HELPERS: usize = 60;
+/// Helpers one epoll loop starts at most: beyond `BOUNDED_HELPERS`, one
+/// per request in flight on a stream (which may hold its helper for ever),
+/// so that requests on files never wait behind a pipe nobody writes.
+const MAX_HELPERS: usize = BOUNDED_HELPERS + 60;
 
 /// An epoll loop's file operations: helper threads, started as requests
 /// need them, run each with blocking calls and post it back to the loop
 /// (`Task::FileDone`), which runs its callback. Only the loop thread uses
-/// this, so its counts are exact: a helper is started when more requests
-/// are in flight than helpers exist.
+/// this, so its counts are exact; when to start a helper is AIO's policy
+/// (`blocking::helper_wanted`), with requests on streams counted from
+/// submission to completion.
 pub(crate) struct FileHelpers {
     /// Taken at drop: the helpers see the channel close and return.
     jobs: Option<Sender<FileOp>>,
@@ -171,12 +173,13 @@ impl FileHelpers {
     }
 
     /// Hands an operation to the helpers, starting one if every helper has
-    /// a request and the limit allows another. If not even one helper can
+    /// a request and the policy allows another. If not even one helper can
     /// be started, the callback runs now with -EAGAIN.
     pub(crate) fn start(&mut self, mut op: FileOp, shared: &Arc<LoopShared>) {
         let stream = op.on_stream();
-        let limit = MAX_HELPERS + (self.on_streams + stream as usize).min(MAX_STREAM_HELPERS);
-        if self.in_flight >= self.helpers.len() && self.helpers.len() < limit {
+        let started = self.helpers.len();
+        let on_streams = self.on_streams + stream as usize;
+        if blocking::helper_wanted(started, self.in_flight >= started, on_streams, BOUNDED_HELPERS, MAX_HELPERS) {
             match self.spawn(shared) {
                 Ok(handle) => self.helpers.push(handle),
                 Err(_) if self.helpers.is_empty() => return refuse(op, libc::EAGAIN),
